@@ -1,0 +1,25 @@
+"""hvd_gradalign: large-batch data-parallel Keras 3 training on Horovod, with GradAlign."""
+
+from .callbacks import BroadcastInitialState, MetricAverage, callbacks
+from .distributed import (
+    allreduce_mean,
+    broadcast_variables,
+    init,
+    is_horovod_active,
+    local_rank,
+    local_size,
+    rank,
+    size,
+)
+from .optimizers import DistributedOptimizer, GradAlign
+from .steps import GradAlignResult, gradalign_gradients, gradalign_step
+from .wrap import GRAD_VARIANCE, GRAD_VARIANCE_RATIO, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BroadcastInitialState", "DistributedOptimizer", "GRAD_VARIANCE", "GRAD_VARIANCE_RATIO",
+    "GradAlign", "GradAlignResult", "MetricAverage", "allreduce_mean", "broadcast_variables",
+    "callbacks", "gradalign_gradients", "gradalign_step", "init", "is_horovod_active",
+    "local_rank", "local_size", "rank", "size", "wrap",
+]

@@ -1,0 +1,191 @@
+"""Keras 3 optimizer wrappers: Horovod data parallelism and GradAlign.
+
+Both compose an inner Keras optimizer the way ``keras.optimizers.LossScaleOptimizer``
+does: the inner optimizer owns the update rule and its state, the wrapper only
+decides which gradient reaches it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras.src.utils import tracking
+
+from . import distributed
+
+_BASE_OPTIMIZER_ARGS = (
+    "weight_decay", "clipnorm", "global_clipnorm", "clipvalue", "use_ema",
+    "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
+    "gradient_accumulation_steps",
+)
+
+
+def _reject_base_kwargs(cls_name, kwargs):
+    for key in kwargs:
+        if key in _BASE_OPTIMIZER_ARGS:
+            raise ValueError(
+                f"{cls_name} does not take `{key}`; set it on the inner optimizer, "
+                f"e.g. keras.optimizers.SGD(..., {key}=...)."
+            )
+    if kwargs:
+        raise ValueError(f"{cls_name} got unexpected arguments: {sorted(kwargs)}.")
+
+
+@keras.saving.register_keras_serializable(package="hvd_gradalign")
+class DistributedOptimizer(keras.optimizers.Optimizer):
+    """Averages gradients over all Horovod workers, then applies ``inner_optimizer``.
+
+    Works with a stock ``keras.Model`` and ``model.fit``: the gradients that
+    Keras' train step passes to ``apply`` are averaged with one fused
+    ``grouped_allreduce`` before the inner update.
+    """
+
+    def __init__(self, inner_optimizer, name=None, **kwargs):
+        _reject_base_kwargs(type(self).__name__, kwargs)
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                f"inner_optimizer must be a keras.optimizers.Optimizer, got {inner_optimizer!r}."
+            )
+        if isinstance(inner_optimizer, DistributedOptimizer):
+            raise TypeError("inner_optimizer is already distributed; wrap a plain Keras optimizer.")
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+
+    @tracking.no_automatic_dependency_tracking
+    def build(self, var_list):
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    def apply(self, grads, trainable_variables=None):
+        self.apply_averaged(distributed.allreduce_mean(list(grads)), trainable_variables)
+
+    def apply_averaged(self, grads, trainable_variables=None):
+        """Apply gradients that are already averaged over all workers."""
+        if not self.built:
+            if trainable_variables is None:
+                raise ValueError("Pass trainable_variables on the first call to build the optimizer.")
+            self.build(list(trainable_variables))
+            self.built = True
+        self.inner_optimizer.apply(list(grads), trainable_variables)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise NotImplementedError(
+            f"{type(self).__name__} runs on the TensorFlow backend only (Horovod's TensorFlow ops)."
+        )
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)
+
+
+def _check_nonnegative(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a finite number >= 0, got {value!r}. A negative value "
+            "displaces micro-batches the wrong way and pushes their gradients apart."
+        )
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="hvd_gradalign")
+class GradAlign(DistributedOptimizer):
+    """Exact GradAlign (Dandi, Barba, Jaggi, AAAI 2022) around an inner optimizer.
+
+    Each worker's local batch is cut into ``micro_batches`` equal consecutive
+    slices. Every slice j gets its gradient g_j at the weights x; the mean ḡ over
+    all slices of all workers is one allreduce. Each slice then gets a second
+    gradient h_j on the same samples at x + β·(g_j − ḡ); the mean of the h_j is a
+    second allreduce and is what the inner optimizer applies to x.
+
+    Args:
+        inner_optimizer: the Keras optimizer that applies the update (SGD, Adam, ...).
+        beta: fixed alignment strength β ≥ 0. β = 0 is plain data-parallel SGD
+            (the second pass and allreduce are skipped).
+        beta_lr_ratio: instead of ``beta``, β = ratio × the inner optimizer's
+            current learning rate, so β follows a learning-rate schedule. To match
+            the implicit regulariser of small-batch SGD with learning rate ε, β = ε/2.
+        micro_batches: slices per worker; the local batch must be a multiple of it.
+
+    The train step that computes two gradients per slice lives in
+    ``hvd_gradalign.steps``; give a Keras model that step with
+    ``hvd_gradalign.wrap(model)``.
+    """
+
+    def __init__(self, inner_optimizer, beta=None, micro_batches=1, beta_lr_ratio=None,
+                 name=None, **kwargs):
+        super().__init__(inner_optimizer, name=name, **kwargs)
+        if (beta is None) == (beta_lr_ratio is None):
+            raise ValueError(
+                "GradAlign needs exactly one of beta (a fixed β) or beta_lr_ratio "
+                "(β = ratio × learning rate), e.g. GradAlign(opt, beta=0.05)."
+            )
+        self.beta = None if beta is None else _check_nonnegative("beta", beta)
+        self.beta_lr_ratio = (
+            None if beta_lr_ratio is None else _check_nonnegative("beta_lr_ratio", beta_lr_ratio)
+        )
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}.")
+        self.micro_batches = micro_batches
+
+    @property
+    def is_plain_data_parallel(self) -> bool:
+        """β is identically zero: GradAlign reduces to data-parallel SGD."""
+        return (self.beta if self.beta is not None else self.beta_lr_ratio) == 0.0
+
+    def current_beta(self):
+        """β for this update, as a float32 tensor (it follows the LR when a ratio is set)."""
+        import tensorflow as tf
+
+        if self.beta is not None:
+            return tf.constant(self.beta, tf.float32)
+        return tf.cast(self.inner_optimizer.learning_rate, tf.float32) * self.beta_lr_ratio
+
+    def apply(self, grads, trainable_variables=None):
+        raise RuntimeError(
+            "GradAlign received a single gradient per step from a stock Keras train step, "
+            "which would silently train as plain large-batch SGD. GradAlign needs two "
+            "gradients on each micro-batch: call `model = hvd_gradalign.wrap(model)` before "
+            "`model.fit`, or use `hvd_gradalign.gradalign_step` in a custom training loop."
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            beta=self.beta, beta_lr_ratio=self.beta_lr_ratio, micro_batches=self.micro_batches
+        )
+        return config
