@@ -168,12 +168,12 @@ class GradAlign(DistributedOptimizer):
         return (self.beta if self.beta is not None else self.beta_lr_ratio) == 0.0
 
     def current_beta(self):
-        """β for this update, as a float32 tensor (it follows the LR when a ratio is set)."""
+        """β for this update as a float64 scalar tensor (it follows the LR when a ratio is set)."""
         import tensorflow as tf
 
         if self.beta is not None:
-            return tf.constant(self.beta, tf.float32)
-        return tf.cast(self.inner_optimizer.learning_rate, tf.float32) * self.beta_lr_ratio
+            return tf.constant(self.beta, tf.float64)
+        return tf.cast(self.inner_optimizer.learning_rate, tf.float64) * self.beta_lr_ratio
 
     def apply(self, grads, trainable_variables=None):
         raise RuntimeError(

@@ -1,0 +1,92 @@
+"""Float64 NumPy re-implementation of GradAlign (gradalign.md steps 1-5).
+
+Independent of TensorFlow: gradients are written out by hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _softmax_xent_grad_logits(logits, y):
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    loss = -np.mean(np.log(p[np.arange(len(y)), y]))
+    p[np.arange(len(y)), y] -= 1.0
+    return loss, p / len(y)
+
+
+def softmax_regression_grad(params, x, y):
+    """Mean cross-entropy of logits = x W + c; params = [W, c]."""
+    w, c = params
+    loss, dlogits = _softmax_xent_grad_logits(x @ w + c, y)
+    return loss, [x.T @ dlogits, dlogits.sum(axis=0)]
+
+
+def mlp_grad(params, x, y):
+    """Mean cross-entropy of a tanh MLP; params = [W1, b1, W2, b2]."""
+    w1, b1, w2, b2 = params
+    a = np.tanh(x @ w1 + b1)
+    loss, dlogits = _softmax_xent_grad_logits(a @ w2 + b2, y)
+    da = dlogits @ w2.T * (1.0 - a**2)
+    return loss, [x.T @ da, da.sum(axis=0), a.T @ dlogits, dlogits.sum(axis=0)]
+
+
+def least_squares_grad(params, x, y):
+    """f = mean((x w - y)^2), Keras' MSE for a bias-free Dense(1); params = [w]."""
+    (w,) = params
+    r = x @ w - y[:, None]
+    return float(np.mean(r**2)), [2.0 * x.T @ r / len(y)]
+
+
+def gradalign_direction(grad_fn, params, micro_batches, beta):
+    """h = mean_j ∇f_j(x + β(g_j − ḡ)) and V = mean_j ‖g_j − ḡ‖²."""
+    g = [grad_fn(params, xj, yj)[1] for xj, yj in micro_batches]
+    g_bar = [np.mean([gj[i] for gj in g], axis=0) for i in range(len(params))]
+    variance = np.mean([sum(np.sum((gj[i] - g_bar[i]) ** 2) for i in range(len(params))) for gj in g])
+    h = []
+    for (xj, yj), gj in zip(micro_batches, g):
+        displaced = [p + beta * (gji - gbi) for p, gji, gbi in zip(params, gj, g_bar)]
+        h.append(grad_fn(displaced, xj, yj)[1])
+    h_bar = [np.mean([hj[i] for hj in h], axis=0) for i in range(len(params))]
+    sq = sum(np.sum(gb**2) for gb in g_bar)
+    return h_bar, variance, variance / sq
+
+
+def variance(grad_fn, params, micro_batches):
+    g = [grad_fn(params, xj, yj)[1] for xj, yj in micro_batches]
+    g_bar = [np.mean([gj[i] for gj in g], axis=0) for i in range(len(params))]
+    return float(np.mean([sum(np.sum((gj[i] - g_bar[i]) ** 2) for i in range(len(params))) for gj in g]))
+
+
+class SGD:
+    """Keras' SGD: m = μ m − η g; x += m (μ = 0: x −= η g)."""
+
+    def __init__(self, lr, momentum=0.0):
+        self.lr, self.momentum, self.m = lr, momentum, None
+
+    def step(self, params, grads, lr=None):
+        lr = self.lr if lr is None else lr
+        if self.momentum == 0.0:
+            return [p - lr * g for p, g in zip(params, grads)]
+        if self.m is None:
+            self.m = [np.zeros_like(p) for p in params]
+        self.m = [self.momentum * m - lr * g for m, g in zip(self.m, grads)]
+        return [p + m for p, m in zip(params, self.m)]
+
+
+def train(grad_fn, params, x, y, global_batch, micro_batches_total, betas, optimizer, lrs=None):
+    """Run len(betas) GradAlign updates over consecutive global batches of (x, y).
+
+    Returns the final params and the per-update V."""
+    params = [p.copy() for p in params]
+    b = global_batch // micro_batches_total
+    variances = []
+    for t, beta in enumerate(betas):
+        xs, ys = x[t * global_batch:(t + 1) * global_batch], y[t * global_batch:(t + 1) * global_batch]
+        mbs = [(xs[j * b:(j + 1) * b], ys[j * b:(j + 1) * b]) for j in range(micro_batches_total)]
+        h, v, _ = gradalign_direction(grad_fn, params, mbs, beta)
+        variances.append(v)
+        params = optimizer.step(params, h, None if lrs is None else lrs[t])
+    return params, variances

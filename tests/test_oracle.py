@@ -1,0 +1,88 @@
+"""The library against the float64 NumPy oracle, on 1 and 2 workers."""
+
+import numpy as np
+import pytest
+
+from tests import scenarios
+from tests.conftest import horovodrun
+
+GA_SCENARIOS = [n for n in scenarios.SCENARIOS if n.startswith("ga_") and "beta0" not in n]
+
+
+@pytest.fixture(scope="module")
+def one_worker(hvd):
+    return {name: scenarios.run(name, rank=0, size=1) for name in scenarios.SCENARIOS}
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_workers")
+    horovodrun(2, ["tests/hvd_worker.py", out])
+    return [dict(np.load(out / f"rank{r}.npz")) for r in (0, 1)]
+
+
+def weights_of(result, name):
+    return [result[f"{name}/w{i}"] for i in range(sum(k.startswith(f"{name}/w") for k in result))]
+
+
+def assert_weights_close(actual, expected, atol=1e-8):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("name", GA_SCENARIOS)
+def test_one_worker_m4_matches_oracle(one_worker, name):
+    expected, _ = scenarios.oracle(name)
+    assert_weights_close(one_worker[name][0], expected)
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("name", GA_SCENARIOS)
+def test_two_workers_m2_match_oracle(two_workers, name):
+    assert int(two_workers[0]["size"]) == 2
+    expected, _ = scenarios.oracle(name)
+    for rank in (0, 1):
+        assert_weights_close(weights_of(two_workers[rank], name), expected)
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("name", list(scenarios.SCENARIOS))
+def test_two_workers_equal_one_worker(one_worker, two_workers, name):
+    """W=2 × m=2 equals W=1 × m=4 (and the data-parallel step, W=2 equals W=1)."""
+    assert_weights_close(weights_of(two_workers[0], name), one_worker[name][0], atol=1e-10)
+
+
+def test_oracle_is_not_trivially_satisfied():
+    """The GradAlign displacement changes the result: β>0 differs from β=0."""
+    with_beta, _ = scenarios.oracle("ga_mlp_sgd")
+    without, _ = scenarios.oracle("dp_mlp")
+    assert max(np.abs(a - b).max() for a, b in zip(with_beta, without)) > 1e-4
+
+
+def test_beta0_equals_distributed_optimizer_one_worker(one_worker):
+    for a, b in zip(one_worker["ga_beta0_mlp"][0], one_worker["dp_mlp"][0]):
+        np.testing.assert_array_equal(a, b)
+    assert_weights_close(one_worker["dp_mlp"][0], scenarios.oracle("dp_mlp")[0])
+
+
+@pytest.mark.horovod
+def test_beta0_equals_distributed_optimizer_two_workers(two_workers):
+    for rank in (0, 1):
+        for a, b in zip(weights_of(two_workers[rank], "ga_beta0_mlp"), weights_of(two_workers[rank], "dp_mlp")):
+            np.testing.assert_array_equal(a, b)
+    assert_weights_close(weights_of(two_workers[0], "dp_mlp"), scenarios.oracle("dp_mlp")[0])
+
+
+def test_logged_variance_matches_oracle_one_worker(one_worker):
+    _, variances = scenarios.oracle("ga_mlp_sgd")
+    history = one_worker["ga_mlp_sgd"][1]
+    np.testing.assert_allclose(history["grad_variance"][-1], np.mean(variances), rtol=1e-6)
+
+
+@pytest.mark.horovod
+def test_logged_variance_matches_oracle_two_workers(two_workers):
+    _, variances = scenarios.oracle("ga_mlp_sgd")
+    for rank in (0, 1):
+        logged = two_workers[rank]["ga_mlp_sgd/history/grad_variance"][-1]
+        np.testing.assert_allclose(logged, np.mean(variances), rtol=1e-6)
