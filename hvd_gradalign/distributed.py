@@ -184,6 +184,6 @@ def broadcast_values(values, root_rank: int = 0):
 def broadcast_variables(variables, root_rank: int = 0) -> None:
     """Overwrite every worker's variables with root's values."""
     variables = list(variables)
-    for var, value in zip(variables, broadcast_values([v.value for v in variables], root_rank)):
+    for var, value in zip(variables, broadcast_values([tf.convert_to_tensor(v) for v in variables], root_rank)):
         var.assign(value)
 

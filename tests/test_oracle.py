@@ -86,3 +86,10 @@ def test_logged_variance_matches_oracle_two_workers(two_workers):
     for rank in (0, 1):
         logged = two_workers[rank]["ga_mlp_sgd/history/grad_variance"][-1]
         np.testing.assert_allclose(logged, np.mean(variances), rtol=1e-6)
+
+
+@pytest.mark.horovod
+def test_metric_average_makes_ranks_agree(two_workers):
+    """Each rank's local loss differs; MetricAverage reports the global mean on all ranks."""
+    losses = [two_workers[r]["ga_mlp_sgd/history/loss"][-1] for r in (0, 1)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -1,0 +1,220 @@
+"""Public API behaviour: errors, serialisation, state handling of the second pass."""
+
+import sys
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import hvd_gradalign as hga
+from hvd_gradalign import distributed
+
+
+def _data(n=64, d=6, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype("float32"), rng.integers(0, k, size=n)
+
+
+def _model(d=6, k=3, extra=()):
+    return keras.Sequential([keras.Input((d,)), keras.layers.Dense(8, activation="relu"), *extra,
+                             keras.layers.Dense(k)])
+
+
+def _compile(model, opt):
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+# ---- errors --------------------------------------------------------------
+
+@pytest.mark.parametrize("beta", [-0.1, float("nan"), float("inf")])
+def test_bad_beta_is_rejected(beta):
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+        hga.GradAlign(keras.optimizers.SGD(0.1), beta=beta)
+
+
+def test_beta_and_ratio_are_exclusive():
+    with pytest.raises(ValueError, match="exactly one of beta"):
+        hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, beta_lr_ratio=0.5)
+    with pytest.raises(ValueError, match="exactly one of beta"):
+        hga.GradAlign(keras.optimizers.SGD(0.1))
+
+
+@pytest.mark.parametrize("m", [0, -2, 1.5, True])
+def test_bad_micro_batches_is_rejected(m):
+    with pytest.raises(ValueError, match="micro_batches must be an integer >= 1"):
+        hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, micro_batches=m)
+
+
+def test_base_optimizer_arguments_go_to_inner():
+    with pytest.raises(ValueError, match="set it on the inner optimizer"):
+        hga.DistributedOptimizer(keras.optimizers.SGD(0.1), clipnorm=1.0)
+
+
+def test_gradalign_without_wrap_fails_on_first_step(hvd):
+    x, y = _data()
+    model = _compile(_model(), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1))
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(RuntimeError, match=r"hvd_gradalign\.wrap\(model\)"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_local_batch_smaller_than_micro_batches_is_rejected_before_training(hvd):
+    x, y = _data()
+    model = _compile(hga.wrap(_model()), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, micro_batches=4))
+    with pytest.raises(ValueError, match="smaller than micro_batches=4"):
+        model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+
+
+def test_partial_last_batch_is_rejected_before_training(hvd):
+    x, y = _data(n=60)
+    model = _compile(hga.wrap(_model()), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, micro_batches=4))
+    with pytest.raises(ValueError, match="last batch of 12 samples"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    with pytest.raises(ValueError, match="drop_remainder=True"):
+        model.fit(ds, epochs=1, verbose=0)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(10, drop_remainder=True)
+    with pytest.raises(ValueError, match="does not split into micro_batches=4"):
+        model.fit(ds, epochs=1, verbose=0)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16, drop_remainder=True)
+    model.fit(ds, epochs=1, verbose=0)  # the fix the message names works
+
+
+def test_uneven_batch_in_custom_loop_fails(hvd):
+    w = tf.Variable(tf.ones((3, 1)))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3])])
+    def step(x):
+        return hga.gradalign_gradients(lambda mb: (tf.reduce_mean(tf.matmul(mb, w)), mb), [w], x, 4, 0.1)
+
+    step(tf.ones((8, 3)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="does not split into micro_batches=4"):
+        step(tf.ones((6, 3)))
+
+
+def test_missing_horovod_build_says_how_to_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "horovod.tensorflow", None)
+    with pytest.raises(distributed.HorovodUnavailableError, match="scripts/setup.sh"):
+        distributed._import_horovod()
+
+
+def test_several_workers_without_horovod_is_an_error(monkeypatch):
+    monkeypatch.setattr(distributed, "_initialised", False)
+    monkeypatch.setattr(distributed, "_hvd", None)
+    monkeypatch.setitem(sys.modules, "horovod.tensorflow", None)
+    monkeypatch.setenv("HOROVOD_SIZE", "2")
+    with pytest.raises(distributed.HorovodUnavailableError):
+        distributed.init()
+
+
+# ---- serialisation -------------------------------------------------------
+
+def test_wrapped_gradalign_model_saves_and_loads(hvd, tmp_path):
+    x, y = _data()
+    opt = hga.GradAlign(keras.optimizers.SGD(0.05, momentum=0.9), beta_lr_ratio=0.5, micro_batches=4)
+    model = _compile(hga.wrap(_model()), opt)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded) is type(model)
+    assert isinstance(loaded.optimizer, hga.GradAlign)
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    assert int(loaded.optimizer.iterations) == 4
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Training continues identically from the loaded copy once it is wrapped again.
+    hga.wrap(loaded)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    loaded.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_distributed_optimizer_round_trips_with_plain_model(hvd, tmp_path):
+    x, y = _data()
+    model = _compile(_model(), hga.DistributedOptimizer(keras.optimizers.Adam(1e-3)))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded.optimizer, hga.DistributedOptimizer)
+    assert isinstance(loaded.optimizer.inner_optimizer, keras.optimizers.Adam)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+
+
+# ---- the second pass and model state ---------------------------------------
+
+def test_wrap_turns_off_xla(hvd):
+    model = hga.wrap(_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _compile(model, hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1))
+        model.compile(optimizer=hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1), loss="mse",
+                      jit_compile=True)
+    assert model.jit_compile is False
+
+
+def test_fit_logs_alignment_metrics(hvd):
+    x, y = _data()
+    model = _compile(hga.wrap(_model()), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, micro_batches=4))
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    for key in ("grad_variance", "grad_variance_ratio", "loss", "accuracy"):
+        assert len(history.history[key]) == 2
+    assert all(v > 0 for v in history.history["grad_variance"])
+
+
+def test_batchnorm_statistics_come_from_first_pass_only(hvd):
+    """Moving statistics after a step equal those of m forward passes at x."""
+    x, y = _data(n=32)
+    model = hga.wrap(_model(extra=[keras.layers.BatchNormalization(momentum=0.5)]))
+    reference = _model(extra=[keras.layers.BatchNormalization(momentum=0.5)])
+    reference.set_weights(model.get_weights())
+    _compile(model, hga.GradAlign(keras.optimizers.SGD(0.5), beta=1.0, micro_batches=4))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    for j in range(4):
+        reference(x[8 * j:8 * (j + 1)], training=True)
+    bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)][0]
+    bn_ref = [layer for layer in reference.layers if isinstance(layer, keras.layers.BatchNormalization)][0]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), bn_ref.moving_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), bn_ref.moving_variance.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_second_pass_reuses_the_dropout_draw(hvd):
+    """With a vanishing β the displaced gradients equal the first ones only if
+    each micro-batch sees the same dropout mask twice."""
+    x, y = _data(n=32)
+    model = _model(extra=[keras.layers.Dropout(0.5, seed=1)])
+    model(x[:1])
+    loss_obj = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def loss_fn(mb):
+        xb, yb = mb
+        pred = model(xb, training=True)
+        return loss_obj(yb, pred), pred
+
+    def direction(beta):
+        r = hga.gradalign_gradients(loss_fn, model.trainable_variables, (x, y), 4,
+                                    tf.constant(beta, tf.float64),
+                                    state_variables=model.non_trainable_variables)
+        return r.gradients
+
+    h = direction(1e-9)
+    g_bar = direction(0.0)  # a fresh draw: differs from h's draw
+    seeds_before = [np.asarray(v) for v in model.non_trainable_variables]
+    h_again = direction(1e-9)
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(seeds_before, model.non_trainable_variables))
+    # Same step: h ≈ ḡ of the same draw. Recompute ḡ of h_again's draw by restoring the seed.
+    for v, s in zip(model.non_trainable_variables, seeds_before):
+        v.assign(s)
+    g_bar_same = direction(0.0)
+    for a, b in zip(h_again, g_bar_same):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert any(not np.allclose(np.asarray(a), np.asarray(b), atol=1e-6) for a, b in zip(h, g_bar))
