@@ -75,7 +75,7 @@ def _slice(data, j, b):
 
 
 def _snapshot(variables):
-    return [tf.identity(v.value) for v in variables]
+    return [tf.identity(tf.convert_to_tensor(v)) for v in variables]
 
 
 def _restore(variables, values):
