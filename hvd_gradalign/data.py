@@ -55,3 +55,206 @@ def shard_indices(n: int, rank: int, size: int) -> np.ndarray:
     if per == 0:
         raise ValueError(f"{n} samples cannot be shared among {size} workers")
     return np.arange(rank * per, (rank + 1) * per)
+
+
+# ---------------------------------------------------------------------------
+# tensorflow-datasets: the embedded Fashion-MNIST builder and any tfds dataset
+# ---------------------------------------------------------------------------
+
+import fcntl  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+EMBEDDED_DATASET = "fashion_mnist"
+DEFAULT_DATA_DIR = Path(os.environ.get(
+    "HVD_GRADALIGN_DATA_DIR", Path.home() / ".cache" / "hvd_gradalign" / "tensorflow_datasets"))
+# Datasets whose usual augmentation is a padded random crop and a horizontal flip.
+CIFAR_FAMILY = ("cifar10", "cifar100", "svhn_cropped", "cinic10")
+
+
+class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
+    """Fashion-MNIST read from local IDX files (Debian's dataset-fashion-mnist).
+
+    tfds' own fashion_mnist builder downloads and checks the original archives;
+    Debian re-compresses them, so this builder reads the files it is given in
+    ``manual_dir`` instead and never touches the network."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "apt-get install dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist), "
+        "or any folder holding the four Fashion-MNIST IDX files."
+    )
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Fashion-MNIST (Xiao et al. 2017) from local IDX files.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(dl_manager.manual_dir, split)
+                for split in FASHION_MNIST_FILES}
+
+    def _generate_examples(self, manual_dir, split):
+        images, labels = fashion_mnist_arrays(split, manual_dir)
+        for i in range(len(labels)):
+            yield i, {"image": images[i][..., None], "label": int(labels[i])}
+
+
+def _prepare_embedded(data_dir: Path):
+    """Prepare the embedded dataset once; concurrent workers wait on a file lock."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    builder = FashionMnistLocal(data_dir=str(data_dir))
+    if builder.is_prepared():
+        return builder
+    fashion_mnist_arrays("test")  # a clear error if the files are missing
+    with open(data_dir / ".fashion_mnist_local.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = FashionMnistLocal(data_dir=str(data_dir))
+        if not builder.is_prepared():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=str(FASHION_MNIST_DIR)))
+    return builder
+
+
+def get_builder(name: str, data_dir=None):
+    """The tfds builder of ``name``, prepared; never downloads anything."""
+    if name == EMBEDDED_DATASET:
+        return _prepare_embedded(Path(data_dir) if data_dir else DEFAULT_DATA_DIR)
+    if not data_dir:
+        raise ValueError(
+            f"dataset {name!r} needs data_dir: the folder where it was prepared with "
+            f"tensorflow-datasets (`tfds build {name} --data_dir DIR` on a machine with "
+            "internet access, then copy DIR here)."
+        )
+    try:
+        builder = tfds.builder(name, data_dir=str(data_dir))
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise ValueError(f"unknown dataset {name!r}: no tensorflow-datasets builder has that name "
+                         f"(the embedded default is {EMBEDDED_DATASET!r}).") from err
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"dataset {name!r} is not prepared in {data_dir}. This machine reads data only "
+            f"from local files: run `tfds build {name} --data_dir {data_dir}` where a network "
+            f"is available (or put its files in the manual dir and build there) and copy the "
+            f"folder here."
+        )
+    return builder
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    input_shape: tuple
+    num_classes: int
+    num_train: int
+    num_test: int
+
+
+def dataset_info(builder) -> DatasetInfo:
+    info = builder.info
+    image_key, label_key = info.supervised_keys
+    return DatasetInfo(
+        name=builder.name,
+        input_shape=tuple(info.features[image_key].shape),
+        num_classes=info.features[label_key].num_classes,
+        num_train=info.splits["train"].num_examples,
+        num_test=info.splits["test"].num_examples,
+    )
+
+
+def _decode(image, label):
+    return tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int64)
+
+
+def _augment_cifar(image, seed):
+    """Pad by 4, random 32x32 crop, random horizontal flip; a stateless draw per
+    (epoch seed, sample), so the draw is reproducible and fixed within a batch."""
+    h, w = image.shape[0], image.shape[1]
+    padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode="REFLECT")
+    image = tf.image.stateless_random_crop(padded, [h, w, image.shape[2]], seed=seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+
+
+def _split_range(builder, split, start, stop):
+    return builder.as_dataset(split=f"{split}[{start}:{stop}]", as_supervised=True, shuffle_files=False)
+
+
+def shard(ds, count: int, rank: int, size: int):
+    """Worker ``rank``'s share of a dataset of ``count`` elements: every worker gets
+    count // size elements (disjoint; the remainder is dropped)."""
+    per = count // size
+    if per == 0:
+        raise ValueError(f"{count} samples cannot be shared among {size} workers")
+    return ds.shard(size, rank).take(per), per
+
+
+@dataclass
+class Pipelines:
+    train: tf.data.Dataset       # an endless stream of epochs from start_epoch on
+    steps_per_epoch: int
+    validation: tf.data.Dataset | None
+    test: tf.data.Dataset
+    info: DatasetInfo
+    train_samples: int           # over all workers, per epoch
+
+
+def make_pipelines(name, data_dir, *, rank, size, global_batch, seed, train_samples=0,
+                   validation_samples=0, test_samples=0, augment=False, start_epoch=0,
+                   skip_batches=0, eval_batch=1000) -> Pipelines:
+    """Per-worker input pipelines. Train: per-epoch shuffles that differ across
+    epochs and ranks and are reproducible from ``seed`` (so a resumed run sees the
+    data an uninterrupted one would have seen), full batches only."""
+    builder = get_builder(name, data_dir)
+    info = dataset_info(builder)
+    n_train = info.num_train - validation_samples
+    if n_train <= 0:
+        raise ValueError(f"validation_samples={validation_samples} leaves no training data "
+                         f"({name} has {info.num_train} training samples)")
+    if train_samples:
+        if train_samples > n_train:
+            raise ValueError(f"train_samples={train_samples} exceeds the {n_train} training samples "
+                             f"available in {name}")
+        n_train = train_samples
+    if global_batch % size:
+        raise ValueError(f"global batch {global_batch} does not split into {size} workers")
+    local_batch = global_batch // size
+    train, per_worker = shard(_split_range(builder, "train", 0, n_train), n_train, rank, size)
+    steps = per_worker // local_batch
+    if steps == 0:
+        raise ValueError(
+            f"{n_train} training samples give each of {size} workers {per_worker} samples, fewer "
+            f"than one local batch of {local_batch} (global batch {global_batch}); lower the "
+            "batch size or use more samples")
+    train = train.map(_decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    do_augment = augment and len(info.input_shape) == 3 and info.input_shape[0] >= 16
+
+    def one_epoch(epoch):
+        epoch_seed = tf.cast(seed, tf.int64) * 1_000_003 + rank * 7919 + epoch
+        ds = train.shuffle(per_worker, seed=epoch_seed)
+        if do_augment:
+            ds = ds.enumerate().map(
+                lambda i, xy: (_augment_cifar(xy[0], tf.stack([epoch_seed, i])), xy[1]),
+                num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(local_batch, drop_remainder=True)
+
+    stream = tf.data.Dataset.range(start_epoch, 2**31).flat_map(one_epoch)
+    if skip_batches:
+        stream = stream.skip(skip_batches)
+
+    def eval_split(split, start, stop):
+        ds, _ = shard(_split_range(builder, split, start, stop), stop - start, rank, size)
+        return ds.map(_decode).batch(eval_batch).cache().prefetch(tf.data.AUTOTUNE)
+
+    validation = (eval_split("train", info.num_train - validation_samples, info.num_train)
+                  if validation_samples else None)
+    n_test = min(test_samples, info.num_test) if test_samples else info.num_test
+    return Pipelines(stream.prefetch(tf.data.AUTOTUNE), steps, validation,
+                     eval_split("test", 0, n_test), info, per_worker * size)
