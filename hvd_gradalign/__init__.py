@@ -1,6 +1,6 @@
 """hvd_gradalign: large-batch data-parallel Keras 3 training on Horovod, with GradAlign."""
 
-from .callbacks import BroadcastInitialState, MetricAverage, callbacks
+from .callbacks import BroadcastInitialState, MetricAverage, StepGuard, callbacks
 from .distributed import (
     allreduce_mean,
     broadcast_variables,
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BroadcastInitialState", "DistributedOptimizer", "GRAD_VARIANCE", "GRAD_VARIANCE_RATIO",
-    "GradAlign", "GradAlignResult", "MetricAverage", "allreduce_mean", "broadcast_variables",
+    "GradAlign", "GradAlignResult", "MetricAverage", "StepGuard", "allreduce_mean", "broadcast_variables",
     "callbacks", "gradalign_gradients", "gradalign_step", "init", "is_horovod_active",
     "local_rank", "local_size", "rank", "size", "wrap",
 ]

@@ -52,3 +52,54 @@ class MetricAverage(keras.callbacks.Callback):
 def callbacks(root_rank: int = 0) -> list:
     """The callbacks every Horovod ``fit`` needs, in the order they must run."""
     return [BroadcastInitialState(root_rank), MetricAverage()]
+
+
+class StepGuard(keras.callbacks.Callback):
+    """Stops training, on every worker at the same step, when any worker's loss
+    is not finite or any worker received a stop signal (SIGTERM, SIGUSR1: what
+    SLURM sends before preemption or the time limit).
+
+    After ``fit`` returns, ``diverged`` or ``interrupted_at`` (epoch, batches done
+    in that epoch) say why it stopped. The check costs one tiny allreduce per step
+    with several workers."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, install_signal_handlers: bool = True):
+        super().__init__()
+        self.signal_received = None
+        self.diverged = False
+        self.interrupted_at = None
+        self._epoch = 0
+        if install_signal_handlers:
+            import signal
+
+            for name in self.SIGNALS:
+                signal.signal(getattr(signal, name), self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        import signal
+
+        self.signal_received = signal.Signals(signum).name
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        import math
+
+        loss = (logs or {}).get("loss")
+        bad = loss is not None and not math.isfinite(float(loss))
+        flags = [float(self.signal_received is not None), float(bad)]
+        if distributed.size() > 1:
+            flags = distributed.allreduce_mean_numpy(flags)
+        if flags[1] > 0:
+            self.diverged = True
+            self.model.stop_training = True
+        elif flags[0] > 0:
+            self.interrupted_at = (self._epoch, batch + 1)
+            self.model.stop_training = True
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.diverged or self.interrupted_at is not None

@@ -180,7 +180,7 @@ def _augment_cifar(image, seed):
     h, w = image.shape[0], image.shape[1]
     padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode="REFLECT")
     image = tf.image.stateless_random_crop(padded, [h, w, image.shape[2]], seed=seed)
-    return tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+    return tf.image.stateless_random_flip_left_right(image, seed=seed + [0, 1 << 40])
 
 
 def _split_range(builder, split, start, stop):
@@ -198,7 +198,7 @@ def shard(ds, count: int, rank: int, size: int):
 
 @dataclass
 class Pipelines:
-    train: tf.data.Dataset       # an endless stream of epochs from start_epoch on
+    train_stream: object         # (start_epoch, skip_batches) -> endless stream of epochs
     steps_per_epoch: int
     validation: tf.data.Dataset | None
     test: tf.data.Dataset
@@ -207,8 +207,8 @@ class Pipelines:
 
 
 def make_pipelines(name, data_dir, *, rank, size, global_batch, seed, train_samples=0,
-                   validation_samples=0, test_samples=0, augment=False, start_epoch=0,
-                   skip_batches=0, eval_batch=1000) -> Pipelines:
+                   validation_samples=0, test_samples=0, augment=False,
+                   eval_batch=1000) -> Pipelines:
     """Per-worker input pipelines. Train: per-epoch shuffles that differ across
     epochs and ranks and are reproducible from ``seed`` (so a resumed run sees the
     data an uninterrupted one would have seen), full batches only."""
@@ -233,21 +233,27 @@ def make_pipelines(name, data_dir, *, rank, size, global_batch, seed, train_samp
             f"{n_train} training samples give each of {size} workers {per_worker} samples, fewer "
             f"than one local batch of {local_batch} (global batch {global_batch}); lower the "
             "batch size or use more samples")
-    train = train.map(_decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    # The shard is held in memory as stored (uint8 images): an epoch is then a
+    # stateless permutation of indices, seeded by (seed, rank, epoch), which
+    # tf.data can compute inside the pipeline and a resumed run can recompute.
+    images, labels = next(iter(train.batch(per_worker)))
     do_augment = augment and len(info.input_shape) == 3 and info.input_shape[0] >= 16
 
     def one_epoch(epoch):
         epoch_seed = tf.cast(seed, tf.int64) * 1_000_003 + rank * 7919 + epoch
-        ds = train.shuffle(per_worker, seed=epoch_seed)
+        order = tf.argsort(tf.random.stateless_uniform([per_worker], tf.stack([epoch_seed, 0])))
+        ds = tf.data.Dataset.from_tensor_slices(order).map(
+            lambda i: (i,) + _decode(tf.gather(images, i), tf.gather(labels, i)))
         if do_augment:
-            ds = ds.enumerate().map(
-                lambda i, xy: (_augment_cifar(xy[0], tf.stack([epoch_seed, i])), xy[1]),
-                num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.batch(local_batch, drop_remainder=True)
+            ds = ds.map(lambda i, x, y: (i, _augment_cifar(x, tf.stack([epoch_seed, i])), y),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(lambda i, x, y: (x, y)).batch(local_batch, drop_remainder=True)
 
-    stream = tf.data.Dataset.range(start_epoch, 2**31).flat_map(one_epoch)
-    if skip_batches:
-        stream = stream.skip(skip_batches)
+    def train_stream(start_epoch=0, skip_batches=0):
+        stream = tf.data.Dataset.range(start_epoch, 2**31).flat_map(one_epoch)
+        if skip_batches:
+            stream = stream.skip(skip_batches)
+        return stream.prefetch(tf.data.AUTOTUNE)
 
     def eval_split(split, start, stop):
         ds, _ = shard(_split_range(builder, split, start, stop), stop - start, rank, size)
@@ -256,5 +262,5 @@ def make_pipelines(name, data_dir, *, rank, size, global_batch, seed, train_samp
     validation = (eval_split("train", info.num_train - validation_samples, info.num_train)
                   if validation_samples else None)
     n_test = min(test_samples, info.num_test) if test_samples else info.num_test
-    return Pipelines(stream.prefetch(tf.data.AUTOTUNE), steps, validation,
+    return Pipelines(train_stream, steps, validation,
                      eval_split("test", 0, n_test), info, per_worker * size)

@@ -1,0 +1,1 @@
+"""The training entry point: ``python -m train`` (under horovodrun, srun, or alone)."""

@@ -1,0 +1,198 @@
+"""Training configuration: defaults, a TOML file, command-line overrides, checks.
+
+Every key lives in one section and has a unique name, so ``--batch-size 4096``
+sets ``train.batch_size`` and ``--set optim.beta=0.1`` works for any key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tomllib
+from pathlib import Path
+
+DEFAULTS = {
+    "data": {
+        "dataset": "fashion_mnist",   # the embedded default, or any tfds name with data_dir
+        "data_dir": "",               # tfds data dir ("" = the embedded dataset's cache)
+        "train_samples": 0,           # 0 = the whole train split (minus validation)
+        "validation_samples": 0,      # held out from the end of the train split
+        "test_samples": 0,            # 0 = the whole test split
+        "augment": False,             # CIFAR-family crop + flip
+    },
+    "model": {
+        "model": "mlp",
+        "norm": "default",            # batch | group | none | default (the model's own)
+    },
+    "optim": {
+        "optimizer": "gradalign",     # sgd (data-parallel) | gradalign
+        "inner": "sgd",               # sgd | adam | adamw | lamb
+        "lr": 0.05,                   # base learning rate, tuned at reference_batch
+        "reference_batch": 128,
+        "lr_scaling": "linear",       # linear | sqrt | none
+        "warmup_epochs": 0.0,
+        "decay": "constant",          # constant | step | cosine
+        "decay_epochs": [],           # for step decay
+        "decay_factor": 0.1,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 0.0,
+        "clipnorm": 0.0,              # 0 = no clipping (global norm)
+        "beta": 0.025,
+        "beta_follows_lr": False,     # β = beta × lr(t) / peak lr
+        "micro_batches": 4,           # per worker
+        "log_alignment": True,        # sgd: report V (micro-batched first pass, no second)
+    },
+    "train": {
+        "batch_size": 512,            # GLOBAL batch
+        "epochs": 5,
+        "seed": 0,
+        "run_dir": "runs/default",
+        "checkpoint_every": 1,        # epochs
+        "resume": True,               # continue from run_dir's checkpoint if there is one
+        "verbose": 2,                 # Keras progress: 0 silent, 1 bar, 2 a line per epoch
+    },
+}
+
+CHOICES = {
+    "optimizer": ("sgd", "gradalign"),
+    "inner": ("sgd", "adam", "adamw", "lamb"),
+    "lr_scaling": ("linear", "sqrt", "none"),
+    "decay": ("constant", "step", "cosine"),
+    "norm": ("default", "batch", "group", "none"),
+    "verbose": (0, 1, 2),
+}
+
+SECTION_OF = {key: section for section, keys in DEFAULTS.items() for key in keys}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_type(key, value, default):
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def merge(config: dict, updates: dict, origin: str) -> dict:
+    for section, values in updates.items():
+        if section not in DEFAULTS:
+            raise ConfigError(f"{origin}: unknown section [{section}]; sections are {sorted(DEFAULTS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{section}] must be a table")
+        for key, value in values.items():
+            if key not in DEFAULTS[section]:
+                hint = f" (it belongs in [{SECTION_OF[key]}])" if key in SECTION_OF else ""
+                raise ConfigError(f"{origin}: unknown key {section}.{key}{hint}; "
+                                  f"keys of [{section}] are {sorted(DEFAULTS[section])}")
+            config[section][key] = _check_type(f"{section}.{key}", value, DEFAULTS[section][key])
+    return config
+
+
+def _parse_value(key, text):
+    default = DEFAULTS[SECTION_OF[key]][key]
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{key}: expected true or false, got {text!r}")
+        return lowered in ("true", "1", "yes")
+    if isinstance(default, (int, float, list)):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{key}: cannot parse {text!r} as {type(default).__name__}") from err
+        return value
+    return text
+
+
+def validate(config: dict) -> dict:
+    for section, values in config.items():
+        for key, value in values.items():
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ConfigError(f"{section}.{key} = {value!r}; choose one of {CHOICES[key]}")
+    o, t, d = config["optim"], config["train"], config["data"]
+    positive = [("train.batch_size", t["batch_size"]), ("train.epochs", t["epochs"]),
+                ("optim.lr", o["lr"]), ("optim.reference_batch", o["reference_batch"]),
+                ("optim.micro_batches", o["micro_batches"])]
+    for name, value in positive:
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    for name in ("beta", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor"):
+        if o[name] < 0:
+            raise ConfigError(f"optim.{name} must be >= 0, got {o[name]}")
+    for name in ("train_samples", "validation_samples", "test_samples"):
+        if d[name] < 0:
+            raise ConfigError(f"data.{name} must be >= 0, got {d[name]}")
+    if t["checkpoint_every"] < 0:
+        raise ConfigError("train.checkpoint_every must be >= 0 (0 = only at the end and on signals)")
+    if o["decay"] == "step" and not o["decay_epochs"]:
+        raise ConfigError("optim.decay = 'step' needs optim.decay_epochs, e.g. [30, 60]")
+    return config
+
+
+def check_batch_split(config: dict, workers: int) -> None:
+    """The global batch must split into workers × micro-batches (say so before training)."""
+    gb, m = config["train"]["batch_size"], config["optim"]["micro_batches"]
+    uses_micro = config["optim"]["optimizer"] == "gradalign" or config["optim"]["log_alignment"]
+    unit = workers * (m if uses_micro else 1)
+    if gb % unit:
+        what = f"{workers} workers × {m} micro-batches" if uses_micro else f"{workers} workers"
+        lower = gb - gb % unit
+        raise ConfigError(
+            f"global batch {gb} does not split into {what} ({unit}); use a multiple of {unit}, "
+            f"e.g. {lower or unit} or {lower + unit}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a Keras model with data-parallel SGD or GradAlign on Horovod.")
+    p.add_argument("--config", help="TOML file (sections: data, model, optim, train)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any key (repeatable)")
+    for section, keys in DEFAULTS.items():
+        group = p.add_argument_group(f"[{section}]")
+        for key, default in keys.items():
+            flag = "--" + key.replace("_", "-")
+            group.add_argument(flag, dest=f"opt_{key}", default=None, metavar="V",
+                               help=f"default: {json.dumps(default)}")
+    return p
+
+
+def load(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    config = copy.deepcopy(DEFAULTS)
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path, "rb") as f:
+            try:
+                merge(config, tomllib.load(f), str(path))
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"{path}: {err}") from err
+    overrides: dict = {}
+    for item in args.set:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if key not in SECTION_OF:
+            raise ConfigError(f"--set {dotted}: unknown key {key!r}")
+        overrides.setdefault(section, {})[key] = _parse_value(key, text)
+    for key in SECTION_OF:
+        text = getattr(args, f"opt_{key}")
+        if text is not None:
+            overrides.setdefault(SECTION_OF[key], {})[key] = _parse_value(key, text)
+    merge(config, overrides, "command line")
+    return validate(config)

@@ -1,0 +1,120 @@
+"""Per-epoch bookkeeping of a training run: timing, test metrics, files, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+
+import keras
+import numpy as np
+
+import hvd_gradalign as hga
+from hvd_gradalign import checkpoint
+
+
+class EpochStats(keras.callbacks.Callback):
+    """Adds lr, beta, epoch_time, images_per_sec (global) and wall_time to the logs."""
+
+    def __init__(self, global_batch: int, wall_time_before: float = 0.0):
+        super().__init__()
+        self.global_batch = global_batch
+        self.wall_time_before = wall_time_before
+        self._started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+        self._batches = 0
+        self._t_last = self._t0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        self._t_last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        opt = self.model.optimizer
+        train_time = max(self._t_last - self._t0, 1e-9)
+        logs["lr"] = float(np.asarray(opt.learning_rate))
+        logs["beta"] = float(opt.current_beta()) if isinstance(opt, hga.GradAlign) else 0.0
+        logs["epoch_time"] = time.perf_counter() - self._t0
+        logs["images_per_sec"] = self._batches * self.global_batch / train_time
+        logs["wall_time"] = self.wall_time_before + time.perf_counter() - self._started
+
+
+class TestEvaluation(keras.callbacks.Callback):
+    """Evaluates the test split at each epoch end: test_loss, test_accuracy."""
+
+    def __init__(self, test_data):
+        super().__init__()
+        self.test_data = test_data
+
+    def on_epoch_end(self, epoch, logs=None):
+        results = self.model.evaluate(self.test_data, verbose=0, return_dict=True)
+        for key, value in results.items():
+            logs[f"test_{key}"] = float(value)
+
+
+class RunRecorder(keras.callbacks.Callback):
+    """Writes metrics.csv / metrics.json and checkpoints (rank 0 writes; all ranks
+    agree on when). Skips an epoch that a signal cut short (it is checkpointed
+    mid-epoch and finished after resuming) and never checkpoints a diverged state."""
+
+    def __init__(self, run_dir, guard: hga.StepGuard, history: list, every: int, epochs: int,
+                 steps_per_epoch: int, first_epoch_offset: int = 0):
+        super().__init__()
+        self.run_dir = run_dir
+        self.guard = guard
+        self.history = history
+        self.every = every
+        self.epochs = epochs
+        self.steps = steps_per_epoch
+        self.offset = first_epoch_offset  # batches done before this fit in its first epoch
+        self.rank0 = hga.rank() == 0
+        self.last_saved = None
+
+    def _batches_done(self, epoch):
+        interrupted = self.guard.interrupted_at
+        if interrupted is None or interrupted[0] != epoch:
+            return self.steps
+        first = epoch == self.params_first_epoch
+        return interrupted[1] + (self.offset if first else 0)
+
+    def on_train_begin(self, logs=None):
+        self.params_first_epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.params_first_epoch is None:
+            self.params_first_epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.diverged:
+            return
+        done = self._batches_done(epoch)
+        if done < self.steps:
+            self.save(epoch, done)
+            return
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+        self.history.append(row)
+        if self.rank0:
+            write_metrics(self.run_dir, self.history)
+        if (self.every and (epoch + 1) % self.every == 0) or epoch + 1 == self.epochs \
+                or self.guard.interrupted_at is not None:
+            self.save(epoch + 1, 0)
+
+    def save(self, epoch, step):
+        if self.rank0:
+            wall = self.history[-1]["wall_time"] if self.history else 0.0
+            checkpoint.save(self.run_dir / "checkpoints", self.model, epoch, step,
+                            history=self.history, wall_time=wall)
+        self.last_saved = (epoch, step)
+
+
+def write_metrics(run_dir, history: list) -> None:
+    keys = ["epoch"] + sorted({k for row in history for k in row} - {"epoch"})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    checkpoint.write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
+    checkpoint.write_text_atomic(run_dir / "metrics.json", json.dumps(history, indent=1))

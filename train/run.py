@@ -1,0 +1,176 @@
+"""``python -m train``: one training run, on however many workers launched it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 75
+
+# Keys that may change between a run and its resumption without changing the run.
+_RUN_NEUTRAL = {("train", "resume"), ("train", "verbose"), ("train", "checkpoint_every")}
+
+
+def _identity(config):
+    return {s: {k: v for k, v in keys.items() if (s, k) not in _RUN_NEUTRAL} for s, keys in config.items()}
+
+
+def log(msg):
+    import hvd_gradalign as hga
+
+    if hga.rank() == 0:
+        print(msg, flush=True)
+
+
+def build_optimizer(config, steps_per_epoch, workers):
+    import keras
+
+    import hvd_gradalign as hga
+    from hvd_gradalign.schedules import WarmupDecay, scaled_learning_rate
+
+    o, t = config["optim"], config["train"]
+    peak = scaled_learning_rate(o["lr"], t["batch_size"], o["reference_batch"], o["lr_scaling"])
+    schedule = WarmupDecay(
+        peak_lr=peak, initial_lr=min(o["lr"], peak),
+        warmup_steps=round(o["warmup_epochs"] * steps_per_epoch), decay=o["decay"],
+        total_steps=t["epochs"] * steps_per_epoch,
+        boundaries=[round(e * steps_per_epoch) for e in o["decay_epochs"]],
+        decay_factor=o["decay_factor"])
+    common = {"global_clipnorm": o["clipnorm"] or None}
+    wd = o["weight_decay"] or None
+    inner = {
+        "sgd": lambda: keras.optimizers.SGD(schedule, momentum=o["momentum"], nesterov=o["nesterov"],
+                                            weight_decay=wd, **common),
+        "adam": lambda: keras.optimizers.Adam(schedule, weight_decay=wd, **common),
+        "adamw": lambda: keras.optimizers.AdamW(schedule, weight_decay=o["weight_decay"], **common),
+        "lamb": lambda: keras.optimizers.Lamb(schedule, weight_decay=wd, **common),
+    }[o["inner"]]()
+    m = o["micro_batches"]
+    if o["optimizer"] == "gradalign":
+        if o["beta_follows_lr"]:
+            return hga.GradAlign(inner, beta_lr_ratio=o["beta"] / peak, micro_batches=m)
+        return hga.GradAlign(inner, beta=o["beta"], micro_batches=m)
+    if o["log_alignment"]:
+        # β = 0: exactly data-parallel SGD, plus the V metric from the micro-batched pass
+        return hga.GradAlign(inner, beta=0.0, micro_batches=m)
+    return hga.DistributedOptimizer(inner)
+
+
+def build_compiled_model(config, info, steps_per_epoch, workers):
+    import keras
+
+    from hvd_gradalign.models import build_model
+
+    m = config["model"]
+    model = build_model(m["model"], info.input_shape, info.num_classes,
+                        norm=None if m["norm"] == "default" else m["norm"])
+    model.compile(optimizer=build_optimizer(config, steps_per_epoch, workers),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], jit_compile=False)
+    return model
+
+
+def run(config) -> int:
+    import keras
+
+    import hvd_gradalign as hga
+    from hvd_gradalign import checkpoint
+    from hvd_gradalign.data import make_pipelines
+    from train.config import check_batch_split
+    from train.recorder import EpochStats, RunRecorder, TestEvaluation
+
+    hga.init()
+    workers, rank = hga.size(), hga.rank()
+    check_batch_split(config, workers)
+    t = config["train"]
+    run_dir = Path(t["run_dir"])
+    summary_path = run_dir / "summary.json"
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        if _identity(previous) != _identity(config):
+            raise ValueError(
+                f"{run_dir} holds a run with a different configuration ({config_path}); "
+                "choose another --run-dir or delete that folder")
+        if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "finished":
+            log(f"run already finished: {run_dir} (see {summary_path}); nothing to do")
+            return EXIT_OK
+    if rank == 0:
+        checkpoint.write_text_atomic(config_path, json.dumps(config, indent=1))
+
+    d = config["data"]
+    pipes = make_pipelines(
+        d["dataset"], d["data_dir"] or None, rank=rank, size=workers, global_batch=t["batch_size"],
+        seed=t["seed"], train_samples=d["train_samples"], validation_samples=d["validation_samples"],
+        test_samples=d["test_samples"], augment=d["augment"])
+    steps = pipes.steps_per_epoch
+
+    ckpt = checkpoint.latest(run_dir / "checkpoints") if t["resume"] else None
+    keras.utils.set_random_seed(t["seed"] * 1000 + rank)
+    if ckpt is not None:
+        model, state = checkpoint.load(ckpt)
+        start_epoch, start_step = state["epoch"], state["step"]
+        history, wall_before = state.get("history", []), state.get("wall_time", 0.0)
+        log(f"resuming {run_dir} from {ckpt.name} (epoch {start_epoch}, step {start_step})")
+    else:
+        model = build_compiled_model(config, pipes.info, steps, workers)
+        start_epoch, start_step, history, wall_before = 0, 0, [], 0.0
+    hga.wrap(model)
+
+    log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers} workers, global batch "
+        f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
+    guard = hga.StepGuard()
+    recorder = RunRecorder(run_dir, guard, history, t["checkpoint_every"], t["epochs"], steps, start_step)
+    callbacks = [hga.BroadcastInitialState(), EpochStats(t["batch_size"], wall_before),
+                 TestEvaluation(pipes.test), hga.MetricAverage(), guard, recorder]
+    if rank == 0:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")))
+    verbose = t["verbose"] if rank == 0 else 0
+
+    t0 = time.perf_counter()
+    epoch = start_epoch
+    if start_step and epoch < t["epochs"]:
+        # Finish the epoch a signal cut short, on exactly the batches it had left.
+        model.fit(pipes.train_stream(epoch, start_step), epochs=epoch + 1, initial_epoch=epoch,
+                  steps_per_epoch=steps - start_step, validation_data=pipes.validation,
+                  callbacks=callbacks, verbose=verbose, shuffle=False)
+        epoch += 1
+        recorder.offset = 0
+    if epoch < t["epochs"] and not guard.stopped_early:
+        model.fit(pipes.train_stream(epoch), epochs=t["epochs"], initial_epoch=epoch,
+                  steps_per_epoch=steps, validation_data=pipes.validation,
+                  callbacks=callbacks, verbose=verbose, shuffle=False)
+
+    status = "diverged" if guard.diverged else "interrupted" if guard.interrupted_at else "finished"
+    summary = {
+        "status": status, "run_dir": str(run_dir), "workers": workers, "global_batch": t["batch_size"],
+        "epochs_done": len(history), "seconds_this_session": time.perf_counter() - t0,
+        "final": history[-1] if history else None,
+        "best_val_accuracy": max((r.get("val_accuracy", float("nan")) for r in history), default=None),
+    }
+    if rank == 0:
+        checkpoint.write_text_atomic(summary_path, json.dumps(summary, indent=1))
+    if guard.diverged:
+        print(f"error: the loss became NaN or infinite in epoch {len(history) + 1}; training stopped "
+              f"and no checkpoint was written from the diverged state. Lower the learning rate "
+              f"(optim.lr) or add warmup (optim.warmup_epochs).", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    if guard.interrupted_at:
+        log(f"stopped by {guard.signal_received or 'a signal on another worker'}; checkpoint "
+            f"saved at epoch {recorder.last_saved}. Re-run the same command to resume.")
+        return EXIT_INTERRUPTED
+    log(f"finished: {run_dir}")
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    from train.config import ConfigError, load
+
+    try:
+        config = load(argv)
+        return run(config)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
