@@ -1,0 +1,154 @@
+"""Config parsing, LR schedules and data sharding of the training entry point."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hvd_gradalign import data
+from hvd_gradalign.schedules import WarmupDecay, scaled_learning_rate
+from train.config import ConfigError, check_batch_split, load
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[optim]\nlr = 0.1\nbeta = 0.05\n[train]\nbatch_size = 1024\n')
+    config = load(["--config", str(cfg), "--batch-size", "4096", "--optimizer", "sgd",
+                   "--set", "optim.momentum=0.5", "--nesterov", "true", "--decay-epochs", "[1, 2]",
+                   "--decay", "step"])
+    assert config["train"]["batch_size"] == 4096
+    assert config["optim"]["lr"] == 0.1 and config["optim"]["beta"] == 0.05
+    assert config["optim"]["optimizer"] == "sgd"
+    assert config["optim"]["momentum"] == 0.5 and config["optim"]["nesterov"] is True
+    assert config["optim"]["decay_epochs"] == [1, 2]
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[optim]\nlearning_rate = 0.1\n', r"unknown key optim\.learning_rate"),
+    ('[optim]\nbatch_size = 64\n', r"it belongs in \[train\]"),
+    ('[trian]\nepochs = 1\n', r"unknown section \[trian\]"),
+    ('[train]\nepochs = "ten"\n', r"train\.epochs: expected int"),
+    ('[train]\nepochs = 1.5\n', r"train\.epochs: expected int"),
+    ('[optim]\noptimizer = "adam"\n', r"optim\.optimizer = 'adam'; choose one of"),
+    ('[optim]\nbeta = -0.1\n', r"optim\.beta must be >= 0"),
+    ('[optim]\ndecay = "step"\n', r"needs optim\.decay_epochs"),
+    ('[train\n', r"c\.toml"),
+])
+def test_config_errors_name_the_key(tmp_path, text, match):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load(["--config", str(cfg)])
+
+
+def test_command_line_errors():
+    with pytest.raises(ConfigError, match="epochs: cannot parse"):
+        load(["--epochs", "many"])
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load(["--augment", "maybe"])
+    with pytest.raises(ConfigError, match="unknown key 'betta'"):
+        load(["--set", "optim.betta=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(["--config", "/nonexistent.toml"])
+
+
+def test_batch_must_split_into_workers_and_micro_batches():
+    config = load(["--batch-size", "100", "--micro-batches", "4"])
+    with pytest.raises(ConfigError, match=r"does not split into 2 workers × 4 micro-batches \(8\); use a multiple of 8, e.g. 96 or 104"):
+        check_batch_split(config, 2)
+    check_batch_split(load(["--batch-size", "96", "--micro-batches", "4"]), 2)
+    check_batch_split(load(["--batch-size", "98", "--optimizer", "sgd", "--log-alignment", "false"]), 2)
+
+
+def test_lr_scaling_rules():
+    assert scaled_learning_rate(0.1, 1024, 128, "linear") == pytest.approx(0.8)
+    assert scaled_learning_rate(0.1, 1024, 128, "sqrt") == pytest.approx(0.1 * math.sqrt(8))
+    assert scaled_learning_rate(0.1, 1024, 128, "none") == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="unknown LR scaling"):
+        scaled_learning_rate(0.1, 1024, 128, "cubic")
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # warmup 0.1 -> 0.8 over 10 steps, then constant
+    (WarmupDecay(0.8, 0.1, warmup_steps=10), {0: 0.1, 5: 0.45, 10: 0.8, 99: 0.8}),
+    # step decay by 0.1 at steps 20 and 30
+    (WarmupDecay(1.0, warmup_steps=0, decay="step", boundaries=[20, 30], decay_factor=0.1),
+     {0: 1.0, 19: 1.0, 20: 0.1, 29: 0.1, 30: 0.01}),
+    # warmup 4 steps from 0.25 to 1, then cosine to 0 at step 104
+    (WarmupDecay(1.0, 0.25, warmup_steps=4, decay="cosine", total_steps=104),
+     {2: 0.625, 4: 1.0, 54: 0.5, 104: 0.0, 200: 0.0}),
+])
+def test_schedules_against_hand_computed_values(schedule, expected):
+    for step, value in expected.items():
+        assert float(schedule(step)) == pytest.approx(value, abs=1e-6), step
+
+
+def test_schedule_round_trips():
+    s = WarmupDecay(0.8, 0.1, warmup_steps=10, decay="cosine", total_steps=50)
+    again = WarmupDecay.from_config(s.get_config())
+    assert [float(again(i)) for i in range(0, 60, 7)] == [float(s(i)) for i in range(0, 60, 7)]
+
+
+@pytest.mark.parametrize("count, size", [(10, 2), (11, 3), (100, 7)])
+def test_shards_are_equal_disjoint_and_cover_all_but_the_remainder(count, size):
+    parts = [list(data.shard(tf.data.Dataset.range(count), count, r, size)[0].as_numpy_iterator())
+             for r in range(size)]
+    assert len({len(p) for p in parts}) == 1
+    flat = [i for p in parts for i in p]
+    assert len(flat) == len(set(flat)) == count - count % size
+
+
+def _epoch_labels(pipes, epoch):
+    return np.concatenate([y for _, y in pipes.train_stream(epoch).take(pipes.steps_per_epoch)
+                           .as_numpy_iterator()])
+
+
+def test_pipelines_equal_steps_reproducible_per_epoch_and_rank():
+    kw = dict(global_batch=96, seed=3, train_samples=1000, test_samples=300)
+    p0 = data.make_pipelines("fashion_mnist", None, rank=0, size=3, **kw)
+    p1 = data.make_pipelines("fashion_mnist", None, rank=1, size=3, **kw)
+    assert p0.steps_per_epoch == p1.steps_per_epoch == 1000 // 3 // 32
+    e0, e1 = _epoch_labels(p0, 0), _epoch_labels(p0, 1)
+    assert not np.array_equal(e0, e1)                        # a new shuffle each epoch
+    assert np.array_equal(e1, _epoch_labels(p0, 1))          # ... that can be recomputed
+    assert not np.array_equal(e0, _epoch_labels(p1, 0))      # ranks differ
+    # Skipping batches resumes mid-epoch exactly.
+    direct = list(p0.train_stream(1).take(p0.steps_per_epoch).as_numpy_iterator())
+    skipped = list(p0.train_stream(1, 2).take(p0.steps_per_epoch - 2).as_numpy_iterator())
+    for (xa, ya), (xb, yb) in zip(direct[2:], skipped):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    x, _ = direct[0]
+    assert x.dtype == np.float32 and x.shape == (32, 28, 28, 1) and 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_dataset_too_small_for_one_step():
+    with pytest.raises(ValueError, match="fewer than one local batch"):
+        data.make_pipelines("fashion_mnist", None, rank=0, size=2, global_batch=512, seed=0,
+                            train_samples=300)
+
+
+def test_unknown_and_unprepared_datasets(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'no_such_set'"):
+        data.get_builder("no_such_set", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"not prepared in .*tfds build cifar10"):
+        data.get_builder("cifar10", tmp_path)
+    with pytest.raises(ValueError, match="needs data_dir"):
+        data.get_builder("cifar10", None)
+
+
+def test_missing_embedded_files_say_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.get_builder("fashion_mnist", tmp_path / "prepared")
+
+
+def test_tfds_path_with_mock_cifar10_and_augmentation(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=64, data_dir=str(tmp_path)):
+        p = data.make_pipelines("cifar10", str(tmp_path), rank=0, size=2, global_batch=16, seed=0,
+                                augment=True, test_samples=0)
+        x, y = next(iter(p.train_stream(0)))
+        assert p.info.input_shape == (32, 32, 3) and p.info.num_classes == 10
+        assert x.shape == (8, 32, 32, 3) and y.shape == (8,)
