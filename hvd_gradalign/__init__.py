@@ -12,6 +12,7 @@ from .distributed import (
     size,
 )
 from .optimizers import DistributedOptimizer, GradAlign
+from .schedules import WarmupDecay, scaled_learning_rate
 from .steps import GradAlignResult, gradalign_gradients, gradalign_step
 from .wrap import GRAD_VARIANCE, GRAD_VARIANCE_RATIO, wrap
 
@@ -21,5 +22,5 @@ __all__ = [
     "BroadcastInitialState", "DistributedOptimizer", "GRAD_VARIANCE", "GRAD_VARIANCE_RATIO",
     "GradAlign", "GradAlignResult", "MetricAverage", "StepGuard", "allreduce_mean", "broadcast_variables",
     "callbacks", "gradalign_gradients", "gradalign_step", "init", "is_horovod_active",
-    "local_rank", "local_size", "rank", "size", "wrap",
+    "local_rank", "local_size", "rank", "scaled_learning_rate", "size", "WarmupDecay", "wrap",
 ]

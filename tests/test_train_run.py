@@ -1,0 +1,178 @@
+"""The training entry point end to end: models, runs, checkpoints, signals, faults."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import hvd_gradalign as hga
+from hvd_gradalign import checkpoint
+from hvd_gradalign.models import MODELS, build_model
+from tests.conftest import HOROVODRUN, REPO, horovodrun
+
+SMALL = ["--train-samples", "2048", "--test-samples", "512", "--batch-size", "256",
+         "--micro-batches", "2"]
+
+
+def train_cmd(run_dir, *args):
+    return [sys.executable, "-m", "train", "--run-dir", str(run_dir), "--verbose", "0", *SMALL, *args]
+
+
+def run_train(run_dir, *args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(train_cmd(run_dir, *args), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def final_weights(run_dir):
+    model, state = checkpoint.load(checkpoint.latest(Path(run_dir) / "checkpoints"))
+    return model.get_weights(), state
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_each_model_builds_and_takes_a_gradalign_step(hvd, name, norm):
+    shape = (28, 28, 1) if name in ("mlp", "cnn2") else (32, 32, 3)
+    model = hga.wrap(build_model(name, shape, 10, norm=norm))
+    model.compile(optimizer=hga.GradAlign(keras.optimizers.SGD(0.01), beta=0.01, micro_batches=2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((4,) + shape, dtype=np.float32), rng.integers(0, 10, 4)
+    before = [w.copy() for w in model.get_weights()]
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert np.isfinite(logs["loss"]) and logs["grad_variance"] > 0
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert model.output_shape == (None, 10)
+
+
+def test_run_writes_its_directory_and_rerun_is_a_noop(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, "--epochs", "2", "--validation-samples", "512")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("config.json", "metrics.csv", "metrics.json", "summary.json", "checkpoints/LATEST"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics] == [1, 2]
+    for key in ("loss", "accuracy", "val_accuracy", "test_loss", "test_accuracy", "grad_variance",
+                "grad_variance_ratio", "lr", "beta", "images_per_sec", "wall_time"):
+        assert key in metrics[-1], key
+    assert metrics[-1]["test_accuracy"] > 0.5  # it learned something
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    assert json.loads((run_dir / "config.json").read_text())["train"]["epochs"] == 2
+    again = run_train(run_dir, "--epochs", "2", "--validation-samples", "512")
+    assert again.returncode == 0 and "already finished" in again.stdout
+    other = run_train(run_dir, "--epochs", "3", "--validation-samples", "512")
+    assert other.returncode == 2 and "different configuration" in other.stderr
+
+
+def test_sgd_baseline_and_config_errors_exit_early(tmp_path):
+    proc = run_train(tmp_path / "sgd", "--epochs", "1", "--optimizer", "sgd", "--inner", "adam",
+                     "--lr", "0.001")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "sgd" / "metrics.json").read_text())[-1]
+    assert row["beta"] == 0.0 and row["grad_variance"] > 0
+    bad = run_train(tmp_path / "bad", "--batch-size", "255")
+    assert bad.returncode == 2 and "does not split into 1 workers × 2 micro-batches" in bad.stderr
+    bad = run_train(tmp_path / "bad", "--dataset", "no_such_set", "--data-dir", str(tmp_path))
+    assert bad.returncode == 2 and "unknown dataset" in bad.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "nan"
+    # lr jumps ×1e5 after epoch 1: epoch 1 is fine and checkpointed, epoch 2 diverges.
+    proc = run_train(run_dir, "--epochs", "3", "--decay", "step", "--decay-epochs", "[1]",
+                     "--decay-factor", "100000", "--optimizer", "sgd", "--momentum", "0.9")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "NaN or infinite" in proc.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
+    weights, state = final_weights(run_dir)
+    assert (state["epoch"], state["step"]) == (1, 0)
+    assert all(np.isfinite(w).all() for w in weights)
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path):
+    args = ["--epochs", "3", "--train-samples", "8192", "--batch-size", "64", "--micro-batches", "2"]
+    assert run_train(tmp_path / "straight", *args).returncode == 0
+    run_dir = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(train_cmd(run_dir, *args), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.json").exists():  # epoch 1 done: now inside epoch 2
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "Re-run the same command to resume" in out
+    _, state = final_weights(run_dir)
+    assert state["epoch"] >= 1 and (state["epoch"], state["step"]) != (3, 0)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    resumed = run_train(run_dir, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    a, _ = final_weights(tmp_path / "straight")
+    b, state = final_weights(run_dir)
+    assert (state["epoch"], state["step"]) == (3, 0)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics] == [1, 2, 3]
+
+
+@pytest.mark.horovod
+def test_two_workers_under_horovodrun(tmp_path):
+    run_dir = tmp_path / "two"
+    proc = horovodrun(2, ["-m", "train", "--run-dir", run_dir, "--verbose", "2", *SMALL, "--epochs", "2"])
+    assert "2 workers" in proc.stdout and "Epoch 2/2" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["workers"] == 2
+    assert summary["final"]["test_accuracy"] > 0.5
+
+
+def _worker_pid(run_dir, rank):
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd[1:3] == ["-m", "train"] and str(run_dir) in cmd:
+            try:
+                if p.environ().get("HOROVOD_RANK") == str(rank):
+                    return p.pid
+            except psutil.Error:
+                continue
+    raise AssertionError(f"no worker of rank {rank} found")
+
+
+@pytest.mark.horovod
+def test_worker_death_ends_the_run_in_bounded_time(tmp_path):
+    run_dir = tmp_path / "death"
+    cmd = [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "train",
+           "--run-dir", str(run_dir), "--verbose", "0", *SMALL, "--epochs", "1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "metrics.json").exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        victim = _worker_pid(run_dir, rank=1)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.time()
+        rc = proc.wait(timeout=120)
+        assert rc != 0
+        assert time.time() - killed_at < 120
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
