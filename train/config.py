@@ -42,6 +42,7 @@ DEFAULTS = {
         "beta": 0.025,
         "beta_follows_lr": False,     # β = beta × lr(t) / peak lr
         "micro_batches": 4,           # per worker
+        "micro_batch_size": 0,        # >0: micro-batches of this many samples instead
         "log_alignment": True,        # sgd: report V (micro-batched first pass, no second)
     },
     "train": {
@@ -130,6 +131,8 @@ def validate(config: dict) -> dict:
     for name in ("beta", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor"):
         if o[name] < 0:
             raise ConfigError(f"optim.{name} must be >= 0, got {o[name]}")
+    if o["micro_batch_size"] < 0:
+        raise ConfigError("optim.micro_batch_size must be >= 0 (0 = use optim.micro_batches)")
     for name in ("train_samples", "validation_samples", "test_samples"):
         if d[name] < 0:
             raise ConfigError(f"data.{name} must be >= 0, got {d[name]}")
@@ -140,9 +143,22 @@ def validate(config: dict) -> dict:
     return config
 
 
+def micro_batches_per_worker(config: dict, workers: int) -> int:
+    """micro_batches, or local batch / micro_batch_size when that is set."""
+    o = config["optim"]
+    if not o["micro_batch_size"]:
+        return o["micro_batches"]
+    local = config["train"]["batch_size"] // workers
+    if local % o["micro_batch_size"] or local < o["micro_batch_size"]:
+        raise ConfigError(
+            f"the local batch {local} (global {config['train']['batch_size']} / {workers} workers) "
+            f"is not a multiple of optim.micro_batch_size = {o['micro_batch_size']}")
+    return local // o["micro_batch_size"]
+
+
 def check_batch_split(config: dict, workers: int) -> None:
     """The global batch must split into workers × micro-batches (say so before training)."""
-    gb, m = config["train"]["batch_size"], config["optim"]["micro_batches"]
+    gb, m = config["train"]["batch_size"], micro_batches_per_worker(config, workers)
     uses_micro = config["optim"]["optimizer"] == "gradalign" or config["optim"]["log_alignment"]
     unit = workers * (m if uses_micro else 1)
     if gb % unit:

@@ -47,7 +47,9 @@ def build_optimizer(config, steps_per_epoch, workers):
         "adamw": lambda: keras.optimizers.AdamW(schedule, weight_decay=o["weight_decay"], **common),
         "lamb": lambda: keras.optimizers.Lamb(schedule, weight_decay=wd, **common),
     }[o["inner"]]()
-    m = o["micro_batches"]
+    from train.config import micro_batches_per_worker
+
+    m = micro_batches_per_worker(config, workers)
     if o["optimizer"] == "gradalign":
         if o["beta_follows_lr"]:
             return hga.GradAlign(inner, beta_lr_ratio=o["beta"] / peak, micro_batches=m)

@@ -1,0 +1,1 @@
+"""Sweeps over the global batch size: ``python -m sweeps run|status|report``."""

@@ -1,0 +1,109 @@
+"""python -m sweeps run SPEC [--launcher local|slurm] [--dry-run] [--wait]
+python -m sweeps status SPEC
+python -m sweeps report RUNS_DIR"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+from sweeps import state
+from sweeps.spec import REPO, load
+
+TODO = (state.PENDING, state.FAILED, state.INTERRUPTED)
+
+
+def _states(sweep, active=frozenset()):
+    return {p.id: state.point_state(p.run_dir, active) for p in sweep.points}
+
+
+def _active():
+    from sweeps import slurm
+
+    return slurm.active_jobs()
+
+
+def cmd_run(args) -> int:
+    sweep = load(args.spec, args.runs_root)
+    states = _states(sweep, _active() if args.launcher == "slurm" else frozenset())
+    todo = [p for p in sweep.points if states[p.id] in TODO]
+    print(f"sweep {sweep.name}: {len(sweep.points)} points, {len(todo)} to run "
+          f"({', '.join(f'{n} {s}' for s, n in sorted(Counter(states.values()).items()))})")
+    if args.dry_run:
+        for p in todo:
+            what = " ".join(f"{k}={v}" for k, v in p.params.items())
+            print(f"  would run {p.id} [{states[p.id]}] {what} -> {p.run_dir}")
+        return 0
+    if not todo:
+        return 0
+    if args.launcher == "local":
+        from sweeps.local import run_point
+
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        failed = 0
+        for i, p in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {p.id} {p.params}", flush=True)
+            rc = run_point(p, env)
+            if rc != 0:
+                failed += 1
+                print(f"  exited {rc}; see {p.run_dir / 'train.log'} (the sweep goes on)", flush=True)
+        print(f"done: {len(todo) - failed} succeeded, {failed} did not")
+        return 1 if failed else 0
+    from sweeps import slurm
+
+    job = slurm.submit(sweep, todo)
+    print(f"submitted job array {job} with {len(todo)} tasks")
+    if args.wait:
+        slurm.wait(job)
+        states = _states(sweep, slurm.active_jobs())
+        bad = [p.id for p in todo if states[p.id] != state.DONE]
+        print(f"job {job} ended: {len(todo) - len(bad)} done, {len(bad)} not done")
+        return 1 if bad else 0
+    return 0
+
+
+def cmd_status(args) -> int:
+    sweep = load(args.spec, args.runs_root)
+    states = _states(sweep, _active())
+    for p in sweep.points:
+        what = " ".join(f"{k}={v}" for k, v in p.params.items())
+        print(f"{states[p.id]:12s} {p.id} {what}")
+    counts = Counter(states.values())
+    print(", ".join(f"{counts[s]} {s}" for s in (state.DONE, state.RUNNING, state.FAILED,
+                                                  state.INTERRUPTED, state.PENDING)))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from sweeps.report import report
+
+    report(args.runs_dir, args.out)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sweeps", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the points that are not done yet")
+    r.add_argument("spec")
+    r.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    r.add_argument("--dry-run", action="store_true", help="print what would run")
+    r.add_argument("--wait", action="store_true", help="slurm: wait for the job array to end")
+    r.add_argument("--runs-root", help="where sweeps keep their runs (default: <repo>/runs)")
+    s = sub.add_parser("status", help="done, running, failed, interrupted and pending points")
+    s.add_argument("spec")
+    s.add_argument("--runs-root")
+    rep = sub.add_parser("report", help="results.csv, a Markdown table and plots")
+    rep.add_argument("runs_dir")
+    rep.add_argument("--out", help="where to write (default: RUNS_DIR)")
+    args = p.parse_args(argv)
+    from train.config import ConfigError
+
+    try:
+        return {"run": cmd_run, "status": cmd_status, "report": cmd_report}[args.command](args)
+    except (ConfigError, RuntimeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

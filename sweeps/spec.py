@@ -1,0 +1,178 @@
+"""Sweep specs: a base training config, a grid, and per-point resources.
+
+    [sweep]
+    name = "fashion_mnist_batch"
+    base_config = "train/configs/fashion_mnist.toml"   # relative to the repo or the spec
+    workers = 2                                        # Horovod workers per point
+    [fixed]          # training keys set for every point
+    epochs = 10
+    [grid]           # training keys -> list of values; the points are their product
+    batch_size = [128, 1024, 8192]
+    optimizer = ["sgd", "gradalign"]
+    lr = [0.05, 0.1]
+    beta = ["lr/2"]  # numbers, or "lr/K" / "lr*K": K times the point's base lr
+    seed = [0, 1, 2]
+    [resources]      # what one SLURM array task asks for
+    cpus_per_task = 1
+    gpus_per_task = 0
+    time = "01:00:00"
+    max_concurrent = 4
+    partition = ""
+
+A point's identity is a hash of its resolved training config and worker count,
+so a re-run of the sweep finds the points it already has.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from train.config import DEFAULTS, SECTION_OF, ConfigError, merge, validate
+
+REPO = Path(__file__).resolve().parents[1]
+RESOURCE_DEFAULTS = {"cpus_per_task": 1, "gpus_per_task": 0, "time": "01:00:00",
+                     "max_concurrent": 4, "partition": ""}
+SWEEP_KEYS = {"name", "base_config", "workers", "runs_root"}
+# Training keys that do not change what a point computes.
+NEUTRAL = {("train", "run_dir"), ("train", "verbose"), ("train", "resume"), ("train", "checkpoint_every")}
+_BETA_RULE = re.compile(r"^\s*lr\s*([*/])\s*([0-9.eE+-]+)\s*$")
+
+
+@dataclass
+class Point:
+    id: str
+    config: dict          # the resolved training config (run_dir set)
+    workers: int
+    params: dict          # the grid values that made this point
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["train"]["run_dir"])
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    runs_dir: Path
+    workers: int
+    resources: dict
+    points: list = field(default_factory=list)
+
+
+def _resolve_path(text, spec_path: Path) -> Path:
+    p = Path(text)
+    if p.is_absolute():
+        return p
+    for base in (REPO, spec_path.parent):
+        if (base / p).exists():
+            return base / p
+    raise ConfigError(f"{spec_path}: {text} not found (relative paths are taken from the repo or the spec)")
+
+
+def _beta(value, lr, where):
+    if isinstance(value, str):
+        m = _BETA_RULE.match(value)
+        if not m:
+            raise ConfigError(f"{where}: beta rule {value!r} must look like 'lr/2' or 'lr*0.5'")
+        k = float(m.group(2))
+        return lr / k if m.group(1) == "/" else lr * k
+    return value
+
+
+def point_id(config: dict, workers: int) -> str:
+    ident = {s: {k: v for k, v in keys.items() if (s, k) not in NEUTRAL} for s, keys in config.items()}
+    blob = json.dumps({"config": ident, "workers": workers}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def load(path, runs_root=None) -> Sweep:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"sweep spec {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            spec = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: {err}") from err
+    unknown = set(spec) - {"sweep", "fixed", "grid", "resources"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; use sweep, fixed, grid, resources")
+    head = spec.get("sweep", {})
+    bad = set(head) - SWEEP_KEYS
+    if bad:
+        raise ConfigError(f"{path}: unknown keys in [sweep]: {sorted(bad)}; keys are {sorted(SWEEP_KEYS)}")
+    if "name" not in head:
+        raise ConfigError(f"{path}: [sweep] needs a name")
+    resources = {**RESOURCE_DEFAULTS}
+    for key, value in spec.get("resources", {}).items():
+        if key not in RESOURCE_DEFAULTS:
+            raise ConfigError(f"{path}: unknown key resources.{key}; keys are {sorted(RESOURCE_DEFAULTS)}")
+        resources[key] = value
+    workers = int(head.get("workers", 1))
+    if workers < 1:
+        raise ConfigError(f"{path}: sweep.workers must be >= 1")
+    runs_dir = Path(runs_root or head.get("runs_root", REPO / "runs")) / head["name"]
+
+    base = copy.deepcopy(DEFAULTS)
+    if "base_config" in head:
+        base_path = _resolve_path(head["base_config"], path)
+        with open(base_path, "rb") as f:
+            merge(base, tomllib.load(f), str(base_path))
+
+    def sectioned(flat, where):
+        out: dict = {}
+        for key, value in flat.items():
+            if key not in SECTION_OF:
+                raise ConfigError(f"{path}: unknown training key {key!r} in [{where}]")
+            out.setdefault(SECTION_OF[key], {})[key] = value
+        return out
+
+    merge(base, sectioned({k: v for k, v in spec.get("fixed", {}).items() if k != "beta"}, "fixed"), str(path))
+    grid = spec.get("grid", {})
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: grid.{key} must be a non-empty list")
+        if key not in SECTION_OF:
+            raise ConfigError(f"{path}: unknown training key {key!r} in [grid]")
+    keys = list(grid)
+    sweep = Sweep(head["name"], path, runs_dir, workers, resources)
+    seen = set()
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        params = dict(zip(keys, combo))
+        config = copy.deepcopy(base)
+        flat = {k: v for k, v in params.items() if k != "beta"}
+        merge(config, sectioned(flat, "grid"), str(path))
+        beta = params.get("beta", spec.get("fixed", {}).get("beta", config["optim"]["beta"]))
+        beta = _beta(beta, config["optim"]["lr"], str(path))
+        if config["optim"]["optimizer"] != "gradalign":
+            beta = 0.0  # no β for the baseline: its β variants are one point
+        params["beta"] = beta
+        merge(config, {"optim": {"beta": float(beta)}}, str(path))
+        config["train"]["verbose"] = 2
+        validate(config)
+        pid = point_id(config, workers)
+        if pid in seen:
+            continue
+        seen.add(pid)
+        config["train"]["run_dir"] = str(runs_dir / pid)
+        sweep.points.append(Point(pid, config, workers, params))
+    return sweep
+
+
+def to_toml(config: dict) -> str:
+    """TOML text of a training config (tables of scalars and lists)."""
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
