@@ -23,6 +23,11 @@ command -v cmake >/dev/null || need_apt+=(cmake)
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v make >/dev/null || need_apt+=(make)
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+# A one-node SLURM cluster runs in the tests (sweeps on a real scheduler).
+command -v slurmctld >/dev/null || need_apt+=(slurmctld)
+command -v slurmd >/dev/null || need_apt+=(slurmd)
+command -v sbatch >/dev/null || need_apt+=(slurm-client)
+command -v munged >/dev/null || need_apt+=(munge)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
     log "missing system packages: ${need_apt[*]}; install them (Debian: apt-get install ${need_apt[*]}) and re-run"

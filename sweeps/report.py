@@ -14,6 +14,7 @@ import csv
 import io
 import math
 import statistics
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,8 +30,11 @@ SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta")
 
 def collect(runs_dir) -> list[dict]:
     rows = []
-    for run_dir in sorted(p for p in Path(runs_dir).iterdir() if (p / "config.json").exists()):
-        config = read_json(run_dir / "config.json")
+    for run_dir in sorted(p for p in Path(runs_dir).iterdir()
+                          if (p / "config.json").exists() or (p / "point.toml").exists()):
+        # A point that failed before training wrote no config.json; its launcher's
+        # point.toml still says what it was.
+        config = read_json(run_dir / "config.json") or tomllib.loads((run_dir / "point.toml").read_text())
         summary = read_json(run_dir / "summary.json") or {}
         history = read_json(run_dir / "metrics.json") or []
         final = history[-1] if history else {}
@@ -158,7 +162,7 @@ def report(runs_dir, out=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(runs_dir)
     if not rows:
-        raise FileNotFoundError(f"no runs (folders with config.json) in {runs_dir}")
+        raise FileNotFoundError(f"no runs (folders with config.json or point.toml) in {runs_dir}")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
