@@ -67,9 +67,11 @@ def init(require_horovod: bool | None = None) -> None:
             raise
         hvd = None
     if hvd is not None:
-        if _started_by_srun():
-            _bootstrap_gloo_from_slurm()
+        published = _bootstrap_gloo_from_slurm() if _started_by_srun() else None
         hvd.init()
+        if published is not None and hvd.rank() == 0:
+            # Every task has connected once init returns: the address is spent.
+            published.unlink(missing_ok=True)
         _pin_gpu(hvd.local_rank())
     _hvd = hvd
     _initialised = True
@@ -124,7 +126,7 @@ def _gloo_iface(own_address: str, single_node: bool) -> str:
         "to the interface the nodes reach each other on (e.g. eth0, ib0)")
 
 
-def _bootstrap_gloo_from_slurm(timeout_s: float = 300.0) -> None:
+def _bootstrap_gloo_from_slurm(timeout_s: float = 300.0):
     import json
     import socket
     import time
@@ -155,8 +157,13 @@ def _bootstrap_gloo_from_slurm(timeout_s: float = 300.0) -> None:
         tmp = published.with_suffix(".tmp")
         tmp.write_text(json.dumps({"address": address, "port": port}))
         os.replace(tmp, published)
+    # Job ids repeat (a requeued task, a restarted controller): a file written
+    # before this task started belongs to an earlier step and is not ours.
+    import psutil
+
+    started = psutil.Process().create_time() - 2.0
     deadline = time.time() + timeout_s
-    while not published.exists():
+    while not (published.exists() and published.stat().st_mtime >= started):
         if time.time() > deadline:
             raise RuntimeError(f"task 0 did not publish the Gloo rendezvous in {published} within "
                                f"{timeout_s:.0f}s; HVD_GRADALIGN_RENDEZVOUS_DIR must be a folder "
@@ -179,6 +186,7 @@ def _bootstrap_gloo_from_slurm(timeout_s: float = 300.0) -> None:
         "HOROVOD_CROSS_RANK": str(node),
         "HOROVOD_CROSS_SIZE": str(len(hosts)),
     })
+    return published
 
 
 def _pin_gpu(local_rank: int) -> None:
@@ -295,3 +303,8 @@ def broadcast_variables(variables, root_rank: int = 0) -> None:
     for var, value in zip(variables, broadcast_values([tf.convert_to_tensor(v) for v in variables], root_rank)):
         var.assign(value)
 
+
+
+def barrier() -> None:
+    """Return once every worker got here (a tiny allreduce)."""
+    allreduce_mean_numpy([0.0])

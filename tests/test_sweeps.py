@@ -182,3 +182,37 @@ def test_slurm_job_array_sweep(tmp_path, slurm):
 
     result = report(runs / "onslurm")
     assert "| 256 |" in result["table"]
+
+
+@pytest.mark.slurm
+def test_slurm_preemption_signal_checkpoints_requeues_and_resumes(tmp_path, slurm):
+    """USR1 (what --signal sends before the time limit) stops the point with a
+    checkpoint; the array task requeues itself and the training resumes."""
+    import time
+
+    path = write_spec(tmp_path, name="preempt", batches="[64]", optimizers='["sgd"]')
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 6"))
+    runs = tmp_path / "runs"
+    sweep = sweep_spec.load(path, runs)
+    (point,) = sweep.points
+    submitted = sweeps_cli("run", path, "--launcher", "slurm", "--runs-root", runs, env=slurm.env())
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.split("submitted job array ")[1].split()[0]
+    deadline = time.time() + 300
+    while not (point.run_dir / "metrics.json").exists():
+        assert time.time() < deadline, slurm.log_tail()
+        time.sleep(0.5)
+    signalled = subprocess.run(["scancel", "--signal=USR1", f"{job}_0"], env=slurm.env(),
+                               capture_output=True, text=True)
+    assert signalled.returncode == 0, signalled.stderr
+    from sweeps import slurm as slurm_launcher
+
+    slurm_launcher.wait(job, timeout_s=600)
+    log = (point.run_dir / "train.log").read_text()
+    assert "stopped by SIGUSR1" in log, log[-3000:]
+    assert "resuming" in log, log[-3000:]
+    summary = json.loads((point.run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished", log[-3000:]
+    metrics = json.loads((point.run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics] == [1, 2, 3, 4, 5, 6]
+    assert state.point_state(point.run_dir) == state.DONE

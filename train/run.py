@@ -154,14 +154,18 @@ def run(config) -> int:
     }
     if rank == 0:
         checkpoint.write_text_atomic(summary_path, json.dumps(summary, indent=1))
+    # Nobody leaves before rank 0 has written: a launcher that sees one task exit
+    # may stop the others.
+    hga.distributed.barrier()
     if guard.diverged:
         print(f"error: the loss became NaN or infinite in epoch {len(history) + 1}; training stopped "
               f"and no checkpoint was written from the diverged state. Lower the learning rate "
               f"(optim.lr) or add warmup (optim.warmup_epochs).", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
     if guard.interrupted_at:
-        log(f"stopped by {guard.signal_received or 'a signal on another worker'}; checkpoint "
-            f"saved at epoch {recorder.last_saved}. Re-run the same command to resume.")
+        epoch_done, step_done = recorder.last_saved
+        log(f"stopped by {guard.signal_received or 'a signal on another worker'}; checkpoint saved "
+            f"after {epoch_done} epochs and {step_done} steps. Re-run the same command to resume.")
         return EXIT_INTERRUPTED
     log(f"finished: {run_dir}")
     return EXIT_OK
