@@ -30,25 +30,26 @@ def mlp(input_shape, num_classes, hidden=(256, 256), norm="none"):
     return keras.Model(inputs, layers.Dense(num_classes)(x), name="mlp")
 
 
-def cnn2(input_shape, num_classes, norm="none"):
-    """The reference code's 2-conv EMNIST network: conv5(32)-pool-conv5(64)-pool-fc512."""
-    x = inputs = keras.Input(input_shape)
-    for filters in (32, 64):
+def _conv5_pool(x, filters_list, norm):
+    for filters in filters_list:
         x = layers.Conv2D(filters, 5, use_bias=norm == "none")(x)
         x = layers.ReLU()(_norm(norm, filters)(x))
         x = layers.MaxPooling2D()(x)
+    return x
+
+
+def cnn2(input_shape, num_classes, norm="none"):
+    """The reference code's 2-conv EMNIST network: conv5(32)-pool-conv5(64)-pool-fc512."""
+    inputs = keras.Input(input_shape)
+    x = _conv5_pool(inputs, (32, 64), norm)
     x = layers.Dense(512, activation="relu")(layers.Flatten()(x))
     return keras.Model(inputs, layers.Dense(num_classes)(x), name="cnn2")
 
 
 def lenet(input_shape, num_classes, norm="none"):
     """LeNet-5 style net for 32x32 colour images."""
-    x = inputs = keras.Input(input_shape)
-    for filters in (6, 16):
-        x = layers.Conv2D(filters, 5, use_bias=norm == "none")(x)
-        x = layers.ReLU()(_norm(norm, filters)(x))
-        x = layers.MaxPooling2D()(x)
-    x = layers.Flatten()(x)
+    inputs = keras.Input(input_shape)
+    x = layers.Flatten()(_conv5_pool(inputs, (6, 16), norm))
     x = layers.Dense(120, activation="relu")(x)
     x = layers.Dense(84, activation="relu")(x)
     return keras.Model(inputs, layers.Dense(num_classes)(x), name="lenet")
