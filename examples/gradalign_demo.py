@@ -13,10 +13,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import hvd_gradalign as hga  # noqa: E402
-from hvd_gradalign.data import fashion_mnist_arrays, shard_indices  # noqa: E402
+from hvd_gradalign.data import make_pipelines  # noqa: E402
 
 
 def main():
@@ -31,18 +30,12 @@ def main():
 
     hga.init()
     keras.utils.set_random_seed(1234 + hga.rank())
-    x, y = fashion_mnist_arrays("train")
-    x_test, y_test = fashion_mnist_arrays("test")
-    idx = shard_indices(min(args.samples, len(x)), hga.rank(), hga.size())
-    local_batch = args.global_batch // hga.size()
-    train = (tf.data.Dataset.from_tensor_slices(((x[idx] / 255.0).astype("float32"), y[idx]))
-             .shuffle(len(idx), seed=hga.rank()).batch(local_batch, drop_remainder=True))
-    test_idx = shard_indices(len(x_test), hga.rank(), hga.size())
-    test = tf.data.Dataset.from_tensor_slices(((x_test[test_idx] / 255.0).astype("float32"),
-                                               y_test[test_idx])).batch(1000)
+    # Each worker's shard, in full batches of global_batch / workers.
+    data = make_pipelines("fashion_mnist", None, rank=hga.rank(), size=hga.size(),
+                          global_batch=args.global_batch, seed=0, train_samples=args.samples)
 
     model = hga.wrap(keras.Sequential([
-        keras.Input((28, 28)), keras.layers.Flatten(),
+        keras.Input((28, 28, 1)), keras.layers.Flatten(),
         keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10),
     ]))
     model.compile(
@@ -54,8 +47,8 @@ def main():
     if hga.rank() == 0:
         print(f"workers={hga.size()} global_batch={args.global_batch} "
               f"micro_batches={args.micro_batches * hga.size()} beta={args.beta}", flush=True)
-    model.fit(train, epochs=args.epochs, validation_data=test, callbacks=hga.callbacks(),
-              verbose=2 if hga.rank() == 0 else 0)
+    model.fit(data.train_stream(), epochs=args.epochs, steps_per_epoch=data.steps_per_epoch,
+              validation_data=data.test, callbacks=hga.callbacks(), verbose=2 if hga.rank() == 0 else 0)
 
 
 if __name__ == "__main__":

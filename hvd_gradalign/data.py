@@ -1,12 +1,17 @@
-"""Datasets: the embedded Fashion-MNIST and per-worker sharding."""
+"""Datasets: the embedded Fashion-MNIST (a local tfds builder), any prepared tfds
+dataset, and per-worker input pipelines."""
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_FILES = {
@@ -47,25 +52,9 @@ def fashion_mnist_arrays(split: str, data_dir=None):
     return read_idx(images_file), read_idx(labels_file).astype(np.int64)
 
 
-def shard_indices(n: int, rank: int, size: int) -> np.ndarray:
-    """Indices of worker ``rank``'s shard: equal length on every worker (so that
-    every worker runs the same number of steps and no allreduce waits forever);
-    the n mod size samples left over are not used."""
-    per = n // size
-    if per == 0:
-        raise ValueError(f"{n} samples cannot be shared among {size} workers")
-    return np.arange(rank * per, (rank + 1) * per)
-
-
 # ---------------------------------------------------------------------------
 # tensorflow-datasets: the embedded Fashion-MNIST builder and any tfds dataset
 # ---------------------------------------------------------------------------
-
-import fcntl  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
 
 EMBEDDED_DATASET = "fashion_mnist"
 DEFAULT_DATA_DIR = Path(os.environ.get(
