@@ -22,6 +22,8 @@ def test_defaults_and_overrides(tmp_path):
     assert config["optim"]["optimizer"] == "sgd"
     assert config["optim"]["momentum"] == 0.5 and config["optim"]["nesterov"] is True
     assert config["optim"]["decay_epochs"] == [1, 2]
+    assert load(["--augment"])["data"]["augment"] is True  # a bare boolean flag means true
+    assert load(["--resume", "false"])["train"]["resume"] is False
 
 
 @pytest.mark.parametrize("text, match", [

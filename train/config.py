@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_argument_group(f"[{section}]")
         for key, default in keys.items():
             flag = "--" + key.replace("_", "-")
+            extra = {"nargs": "?", "const": "true"} if isinstance(default, bool) else {}
             group.add_argument(flag, dest=f"opt_{key}", default=None, metavar="V",
-                               help=f"default: {json.dumps(default)}")
+                               help=f"default: {json.dumps(default)}", **extra)
     return p
 
 
