@@ -149,6 +149,11 @@ class GradAlign(DistributedOptimizer):
     def __init__(self, inner_optimizer, beta=None, micro_batches=1, beta_lr_ratio=None,
                  name=None, **kwargs):
         super().__init__(inner_optimizer, name=name, **kwargs)
+        if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
+            raise TypeError(
+                "GradAlign does not support a LossScaleOptimizer inner optimizer: its two "
+                "gradient passes are not loss-scaled. Train in float32 or with the "
+                "'mixed_bfloat16' policy (no loss scaling needed).")
         if (beta is None) == (beta_lr_ratio is None):
             raise ValueError(
                 "GradAlign needs exactly one of beta (a fixed β) or beta_lr_ratio "

@@ -49,6 +49,11 @@ def test_bad_micro_batches_is_rejected(m):
         hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, micro_batches=m)
 
 
+def test_loss_scaled_inner_is_rejected():
+    with pytest.raises(TypeError, match="LossScaleOptimizer"):
+        hga.GradAlign(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)), beta=0.1)
+
+
 def test_base_optimizer_arguments_go_to_inner():
     with pytest.raises(ValueError, match="set it on the inner optimizer"):
         hga.DistributedOptimizer(keras.optimizers.SGD(0.1), clipnorm=1.0)
