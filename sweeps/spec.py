@@ -34,14 +34,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.config import DEFAULTS, SECTION_OF, ConfigError, merge, validate
+from train.config import DEFAULTS, SECTION_OF, ConfigError, merge, run_identity, validate
 
 REPO = Path(__file__).resolve().parents[1]
 RESOURCE_DEFAULTS = {"cpus_per_task": 1, "gpus_per_task": 0, "time": "01:00:00",
                      "max_concurrent": 4, "partition": ""}
 SWEEP_KEYS = {"name", "base_config", "workers", "runs_root"}
-# Training keys that do not change what a point computes.
-NEUTRAL = {("train", "run_dir"), ("train", "verbose"), ("train", "resume"), ("train", "checkpoint_every")}
 _BETA_RULE = re.compile(r"^\s*lr\s*([*/])\s*([0-9.eE+-]+)\s*$")
 
 
@@ -88,7 +86,7 @@ def _beta(value, lr, where):
 
 
 def point_id(config: dict, workers: int) -> str:
-    ident = {s: {k: v for k, v in keys.items() if (s, k) not in NEUTRAL} for s, keys in config.items()}
+    ident = run_identity(config, ignore={("train", "run_dir")})
     blob = json.dumps({"config": ident, "workers": workers}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

@@ -67,6 +67,15 @@ CHOICES = {
 
 SECTION_OF = {key: section for section, keys in DEFAULTS.items() for key in keys}
 
+# Keys that may differ between a run and its resumption without changing what it computes.
+RUN_NEUTRAL = {("train", "resume"), ("train", "verbose"), ("train", "checkpoint_every")}
+
+
+def run_identity(config: dict, ignore=()) -> dict:
+    """The part of a config that decides what a run computes."""
+    skip = RUN_NEUTRAL | set(ignore)
+    return {s: {k: v for k, v in keys.items() if (s, k) not in skip} for s, keys in config.items()}
+
 
 class ConfigError(ValueError):
     pass

@@ -9,14 +9,6 @@ from pathlib import Path
 
 EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 75
 
-# Keys that may change between a run and its resumption without changing the run.
-_RUN_NEUTRAL = {("train", "resume"), ("train", "verbose"), ("train", "checkpoint_every")}
-
-
-def _identity(config):
-    return {s: {k: v for k, v in keys.items() if (s, k) not in _RUN_NEUTRAL} for s, keys in config.items()}
-
-
 def log(msg):
     import hvd_gradalign as hga
 
@@ -80,7 +72,7 @@ def run(config) -> int:
     import hvd_gradalign as hga
     from hvd_gradalign import checkpoint
     from hvd_gradalign.data import make_pipelines
-    from train.config import check_batch_split
+    from train.config import check_batch_split, run_identity
     from train.recorder import EpochStats, RunRecorder, TestEvaluation
 
     hga.init()
@@ -92,7 +84,7 @@ def run(config) -> int:
     config_path = run_dir / "config.json"
     if config_path.exists():
         previous = json.loads(config_path.read_text())
-        if _identity(previous) != _identity(config):
+        if run_identity(previous) != run_identity(config):
             raise ValueError(
                 f"{run_dir} holds a run with a different configuration ({config_path}); "
                 "choose another --run-dir or delete that folder")
