@@ -45,12 +45,13 @@ def micro_batch_error(batch_size: int, micro_batches: int) -> str | None:
     return None
 
 
-def _first_leaf(data):
-    return next(t for t in tf.nest.flatten(data) if t is not None)
+def first_leaf(data):
+    """The first tensor (or spec) of a nest, skipping None; None if there is none."""
+    return next((t for t in tf.nest.flatten(data) if t is not None), None)
 
 
 def _micro_batch_size(data, micro_batches: int):
-    first = _first_leaf(data)
+    first = first_leaf(data)
     static = first.shape[0]
     if static is not None:
         error = micro_batch_error(int(static), micro_batches)

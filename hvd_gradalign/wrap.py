@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from .optimizers import GradAlign
-from .steps import gradalign_step, micro_batch_error
+from .steps import first_leaf, gradalign_step, micro_batch_error
 
 GRAD_VARIANCE = "grad_variance"
 GRAD_VARIANCE_RATIO = "grad_variance_ratio"
@@ -47,7 +47,7 @@ def keras_gradalign_train_step(model: keras.Model, data, trackers: _AlignmentTra
         loss_fn, model.trainable_variables, model.optimizer, (x, y, sample_weight),
         state_variables=model.non_trainable_variables,
     )
-    batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+    batch = tf.shape(first_leaf(x))[0]
     model._loss_tracker.update_state(result.loss, sample_weight=batch)
     trackers.variance.update_state(result.grad_variance)
     trackers.ratio.update_state(result.grad_variance_ratio)
@@ -57,15 +57,10 @@ def keras_gradalign_train_step(model: keras.Model, data, trackers: _AlignmentTra
     return logs
 
 
-def _first_leaf(x):
-    leaves = [t for t in tf.nest.flatten(x) if t is not None]
-    return leaves[0] if leaves else None
-
-
 def check_fit_input(x, batch_size, micro_batches: int) -> None:
     """Reject, before training, input whose batches GradAlign cannot split."""
     if isinstance(x, tf.data.Dataset):
-        spec = _first_leaf(x.element_spec)
+        spec = first_leaf(x.element_spec)
         n = None if spec is None or spec.shape.rank == 0 else spec.shape[0]
         if n is None:
             raise ValueError(
@@ -78,7 +73,7 @@ def check_fit_input(x, batch_size, micro_batches: int) -> None:
         if error:
             raise ValueError(f"GradAlign: {error}.")
         return
-    first = _first_leaf(x)
+    first = first_leaf(x)
     if first is None or not hasattr(first, "shape") or isinstance(x, keras.utils.PyDataset):
         return  # generators and PyDatasets are checked at the first step
     bs = 32 if batch_size is None else int(batch_size)
