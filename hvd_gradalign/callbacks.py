@@ -1,7 +1,8 @@
 """Keras 3 callbacks for Horovod training.
 
 Horovod's own Keras callbacks use Keras-2 backend functions and do not work
-with Keras 3 (design.md); these are their replacements, built on
+with Keras 3 (their optimizer hooks are never called; upstream horovod issue
+#4290); these are their replacements, built on
 ``hvd_gradalign.distributed``.
 """
 

@@ -1,6 +1,6 @@
 """Train steps: the exact GradAlign step and its pieces, usable without Keras' fit.
 
-The GradAlign step for one update (see docs/algorithm.md):
+The GradAlign step for one update (docs/algorithm.md says why and what is tested):
 
 1. g_j = ∇f_j(x) for every micro-batch j of this worker;
 2. ḡ = mean of all g_j of all workers (allreduce #1);

@@ -1,4 +1,4 @@
-"""Float64 NumPy re-implementation of GradAlign (gradalign.md steps 1-5).
+"""Float64 NumPy re-implementation of GradAlign (docs/algorithm.md, steps 1-5).
 
 Independent of TensorFlow: gradients are written out by hand.
 """

@@ -1,4 +1,4 @@
-"""gradalign.md's sign and finite-difference oracles, run through the library's step."""
+"""The sign and finite-difference oracles of docs/algorithm.md, run through the library's step."""
 
 import numpy as np
 import pytest
