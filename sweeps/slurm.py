@@ -13,6 +13,7 @@ from string import Template
 from sweeps import state
 from sweeps.local import write_point_config
 from sweeps.spec import REPO
+from train.run import EXIT_INTERRUPTED
 
 TEMPLATE = REPO / "slurm" / "sweep_array.sbatch"
 
@@ -35,7 +36,7 @@ def render(sweep, points, list_file: Path, log_dir: Path, python=sys.executable)
         max_concurrent=r["max_concurrent"], ntasks=sweep.workers, cpus_per_task=r["cpus_per_task"],
         time=r["time"], log_dir=log_dir, signal_seconds=r.get("signal_seconds", 60),
         extra_directives="\n".join(extra), point_list=list_file, python=python, repo=REPO,
-        exit_interrupted=state.EXIT_INTERRUPTED)
+        exit_interrupted=EXIT_INTERRUPTED)
 
 
 def submit(sweep, points) -> str:

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_text_atomic
+from train.run import EXIT_INTERRUPTED
 
 DONE, FAILED, RUNNING, INTERRUPTED, PENDING = "done", "failed", "running", "interrupted", "pending"
-EXIT_INTERRUPTED = 75
 
 
 def read_json(path):
@@ -49,10 +49,8 @@ def point_state(run_dir, active_jobs=frozenset()) -> str:
             return RUNNING
         return FAILED
     if state == "exited":
-        rc = launcher.get("returncode")
-        if rc == EXIT_INTERRUPTED:
-            return INTERRUPTED
-        return FAILED if rc != 0 else (DONE if summary.get("status") == "finished" else FAILED)
+        # A clean exit without a finished summary (checked above) is a failure too.
+        return INTERRUPTED if launcher.get("returncode") == EXIT_INTERRUPTED else FAILED
     if (run_dir / "checkpoints" / "LATEST").exists():
         return INTERRUPTED
     return PENDING
