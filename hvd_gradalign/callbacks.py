@@ -58,13 +58,14 @@ def callbacks(root_rank: int = 0) -> list:
 class StepGuard(keras.callbacks.Callback):
     """Stops training, on every worker at the same step, when any worker's loss
     is not finite or any worker received a stop signal (SIGTERM, SIGUSR1: what
-    SLURM sends before preemption or the time limit).
+    SLURM sends before preemption or the time limit; SIGINT: Ctrl-C, which a
+    terminal sends to every process of the job).
 
     After ``fit`` returns, ``diverged`` or ``interrupted_at`` (epoch, batches done
     in that epoch) say why it stopped. The check costs one tiny allreduce per step
     with several workers."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self, install_signal_handlers: bool = True):
         super().__init__()

@@ -208,6 +208,7 @@ class Pipelines:
     steps_per_epoch: int
     validation: tf.data.Dataset | None
     test: tf.data.Dataset
+    train_eval: tf.data.Dataset  # the training samples, unaugmented, for clean train metrics
     info: DatasetInfo
     train_samples: int           # over all workers, per epoch
 
@@ -269,5 +270,5 @@ def make_pipelines(name, data_dir, *, rank, size, global_batch, seed, train_samp
     validation = (eval_split("train", info.num_train - validation_samples, info.num_train)
                   if validation_samples else None)
     n_test = min(test_samples, info.num_test) if test_samples else info.num_test
-    return Pipelines(train_stream, steps, validation,
-                     eval_split("test", 0, n_test), info, per_worker * size)
+    return Pipelines(train_stream, steps, validation, eval_split("test", 0, n_test),
+                     eval_split("train", 0, n_train), info, per_worker * size)

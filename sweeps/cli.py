@@ -45,7 +45,11 @@ def cmd_run(args) -> int:
         failed = 0
         for i, p in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {p.id} {p.params}", flush=True)
-            rc = run_point(p, env)
+            try:
+                rc = run_point(p, env)
+            except KeyboardInterrupt:
+                print(f"interrupted during {p.id}; run the same command again to resume", flush=True)
+                return 130
             if rc != 0:
                 failed += 1
                 print(f"  exited {rc}; see {p.run_dir / 'train.log'} (the sweep goes on)", flush=True)

@@ -1,11 +1,16 @@
 """Collect a sweep's points into results.csv, a Markdown table and plots.
 
+Which epoch of a run counts: ``at="final"`` (the last epoch) or ``at="best_val"``
+(the evaluated epoch with the highest validation accuracy, i.e. early stopping
+on validation). Test numbers are always read at that epoch, never chosen on.
+
 Selection: for every (global batch, optimizer) the table shows the setting
 (learning rate, β, warmup, ...: every grid value except the seed) with the best
-mean final *validation* accuracy over seeds, so that each optimizer, the
-large-batch baseline included, is shown at its best, chosen without looking at
-the test set. Without a validation split the lowest final training loss decides,
-and the table says so.
+*validation* accuracy, so that each optimizer, the large-batch baseline
+included, is shown at its best, chosen without looking at the test set. Settings
+are compared on the mean over the seeds they all have (a sweep may tune on one
+seed and then run the chosen setting on more). Without a validation split the
+lowest training loss decides, and the table says so.
 """
 
 from __future__ import annotations
@@ -21,14 +26,37 @@ from pathlib import Path
 from hvd_gradalign.checkpoint import write_text_atomic
 from sweeps.state import point_state, read_json
 
-COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size", "workers_micro",
-           "lr", "lr_scaling", "warmup_epochs", "beta", "seed", "epochs", "epochs_done",
-           "train_accuracy", "train_loss", "val_accuracy", "test_accuracy", "test_loss",
-           "grad_variance", "grad_variance_ratio", "images_per_sec", "wall_time"]
+COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size", "workers",
+           "micro_batches", "micro_batch_size", "lr", "lr_scaling", "warmup_epochs", "beta", "seed",
+           "epochs", "epochs_done", "epoch", "train_accuracy", "train_loss", "val_accuracy",
+           "test_accuracy", "test_loss", "grad_variance", "grad_variance_ratio", "images_per_sec",
+           "wall_time"]
 SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta")
+AT = ("final", "best_val")
 
 
-def collect(runs_dir) -> list[dict]:
+def _pick_epoch(history, at):
+    evaluated = [r for r in history if r.get("test_accuracy") is not None]
+    if not evaluated:
+        return history[-1] if history else {}
+    if at == "best_val" and any(r.get("val_accuracy") is not None for r in evaluated):
+        return max((r for r in evaluated if r.get("val_accuracy") is not None),
+                   key=lambda r: r["val_accuracy"])
+    return evaluated[-1]
+
+
+def _micro(config, workers):
+    """(micro-batches per worker, samples per micro-batch) that the point ran."""
+    o, local = config["optim"], config["train"]["batch_size"] // max(workers or 1, 1)
+    size = o.get("micro_batch_size") or 0
+    if size:
+        return local // size, size
+    return o["micro_batches"], local // o["micro_batches"]
+
+
+def collect(runs_dir, at="final") -> list[dict]:
+    if at not in AT:
+        raise ValueError(f"at={at!r}: choose one of {AT}")
     rows = []
     for run_dir in sorted(p for p in Path(runs_dir).iterdir()
                           if (p / "config.json").exists() or (p / "point.toml").exists()):
@@ -36,22 +64,30 @@ def collect(runs_dir) -> list[dict]:
         # point.toml still says what it was.
         config = read_json(run_dir / "config.json") or tomllib.loads((run_dir / "point.toml").read_text())
         summary = read_json(run_dir / "summary.json") or {}
+        launcher = read_json(run_dir / "launcher.json") or {}
         history = read_json(run_dir / "metrics.json") or []
-        final = history[-1] if history else {}
+        row = _pick_epoch(history, at)
         o, t, d = config["optim"], config["train"], config["data"]
+        workers = summary.get("workers") or launcher.get("workers")
+        micro, micro_size = _micro(config, workers) if workers else (None, None)
         ips = [r["images_per_sec"] for r in history if "images_per_sec" in r]
+        # A clean train accuracy (train_eval_*) when the run evaluated the training
+        # set; otherwise Keras' running mean over the epoch.
+        train_acc = row.get("train_eval_accuracy", row.get("accuracy"))
+        train_loss = row.get("train_eval_loss", row.get("loss"))
         rows.append({
             "id": run_dir.name, "status": point_state(run_dir), "dataset": d["dataset"],
             "model": config["model"]["model"], "optimizer": o["optimizer"], "inner": o["inner"],
-            "batch_size": t["batch_size"], "workers_micro": o["micro_batches"], "lr": o["lr"],
+            "batch_size": t["batch_size"], "workers": workers, "micro_batches": micro,
+            "micro_batch_size": micro_size, "lr": o["lr"],
             "lr_scaling": o["lr_scaling"], "warmup_epochs": o["warmup_epochs"], "beta": o["beta"],
             "seed": t["seed"], "epochs": t["epochs"], "epochs_done": len(history),
-            "train_accuracy": final.get("accuracy"), "train_loss": final.get("loss"),
-            "val_accuracy": final.get("val_accuracy"), "test_accuracy": final.get("test_accuracy"),
-            "test_loss": final.get("test_loss"), "grad_variance": final.get("grad_variance"),
-            "grad_variance_ratio": final.get("grad_variance_ratio"),
+            "epoch": row.get("epoch"), "train_accuracy": train_acc, "train_loss": train_loss,
+            "val_accuracy": row.get("val_accuracy"), "test_accuracy": row.get("test_accuracy"),
+            "test_loss": row.get("test_loss"), "grad_variance": row.get("grad_variance"),
+            "grad_variance_ratio": row.get("grad_variance_ratio"),
             "images_per_sec": statistics.median(ips) if ips else None,
-            "wall_time": final.get("wall_time"),
+            "wall_time": history[-1].get("wall_time") if history else None,
         })
         if summary.get("status") == "diverged":
             rows[-1]["status"] = "diverged"
@@ -65,25 +101,46 @@ def _mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def select(rows):
-    """{(batch, optimizer): (setting, [rows of its seeds], criterion)} over finished points."""
+def _groups(rows):
+    """{(batch, optimizer): {setting: [rows of its seeds]}} over finished points."""
     groups = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["status"] == "done":
             groups[(r["batch_size"], r["optimizer"])][tuple(r[k] for k in SETTING_KEYS)].append(r)
+    return groups
+
+
+def _best_setting(settings, key, better):
+    common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))
+
+    def score(s):
+        m = _mean_std([r[key] for r in settings[s] if not common or r["seed"] in common])[0]
+        return m if m is not None else (-math.inf if better is max else math.inf)
+
+    return better(settings, key=score)
+
+
+def select(rows):
+    """{(batch, optimizer): (setting, [rows of its seeds], criterion)} over finished points."""
     chosen = {}
-    for key, settings in groups.items():
+    for key, settings in _groups(rows).items():
         has_val = all(r["val_accuracy"] is not None for rs in settings.values() for r in rs)
         if has_val:
-            best = max(settings, key=lambda s: _mean_std([r["val_accuracy"] for r in settings[s]])[0])
+            best = _best_setting(settings, "val_accuracy", max)
             chosen[key] = (best, settings[best], "validation accuracy")
         else:
-            best = min(settings, key=lambda s: _mean_std([r["train_loss"] for r in settings[s]])[0])
+            best = _best_setting(settings, "train_loss", min)
             chosen[key] = (best, settings[best], "training loss (no validation split)")
     return chosen
 
 
-def markdown_table(rows, chosen) -> str:
+def _gap(r):
+    if r["train_accuracy"] is None or r["test_accuracy"] is None:
+        return None
+    return r["train_accuracy"] - r["test_accuracy"]
+
+
+def markdown_table(rows, chosen, at="final") -> str:
     batches = sorted({b for b, _ in chosen})
     optimizers = sorted({o for _, o in chosen})
     criteria = sorted({c for _, _, c in chosen.values()})
@@ -97,23 +154,67 @@ def markdown_table(rows, chosen) -> str:
                 continue
             setting, seeds, _ = chosen[(b, o)]
             test_m, test_s = _mean_std([r["test_accuracy"] for r in seeds])
-            gap_m, _ = _mean_std([r["train_accuracy"] - r["test_accuracy"] for r in seeds
-                                  if r["train_accuracy"] is not None and r["test_accuracy"] is not None])
+            gap_m, _ = _mean_std([_gap(r) for r in seeds])
             s = dict(zip(SETTING_KEYS, setting))
             beta = f", β={s['beta']:g}" if o == "gradalign" else ""
-            cells.append(f"{100 * test_m:.2f} ± {100 * test_s:.2f} (gap {100 * gap_m:+.2f}; "
+            gap = f"gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
+            cells.append(f"{100 * test_m:.2f} ± {100 * test_s:.2f} ({gap}"
                          f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, n={len(seeds)})")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     failed = [r for r in rows if r["status"] != "done"]
+    epoch = "final" if at == "final" else "best-validation"
     notes = [
         "",
-        "Cells: final test accuracy (%) mean ± std over seeds; gap = train − test accuracy "
-        "(percentage points); the setting shown is the one selected by " + " / ".join(criteria) + ".",
+        f"Cells: test accuracy (%) at the {epoch} epoch, mean ± std over seeds; gap = train − test "
+        "accuracy (percentage points); the setting shown is the one selected by "
+        + " / ".join(criteria) + ".",
     ]
     if failed:
         notes.append(f"Not in the table: {len(failed)} point(s) not finished "
                      f"({', '.join(sorted({r['status'] for r in failed}))}); see results.csv.")
     return "\n".join(lines + notes) + "\n"
+
+
+def recovery_table(chosen) -> str:
+    """GradAlign against SGD at each batch, and the share of the small-vs-large
+    batch gap that GradAlign wins back (the reference is SGD at the smallest batch)."""
+    sgd = {b: seeds for (b, o), (_, seeds, _) in chosen.items() if o == "sgd"}
+    ga = {b: seeds for (b, o), (_, seeds, _) in chosen.items() if o == "gradalign"}
+    if not sgd:
+        return ""
+    small = min(sgd)
+    ref, _ = _mean_std([r["test_accuracy"] for r in sgd[small]])
+    lines = [f"| global batch | SGD | GradAlign | GradAlign − SGD | gap to SGD@{small} recovered |",
+             "|---:|---|---|---:|---:|"]
+    for b in sorted(set(sgd) | set(ga)):
+        s_m, s_s = _mean_std([r["test_accuracy"] for r in sgd.get(b, [])])
+        g_m, g_s = _mean_std([r["test_accuracy"] for r in ga.get(b, [])])
+        cell = lambda m, s, n: f"{100 * m:.2f} ± {100 * s:.2f} (n={n})" if m is not None else "–"
+        diff = f"{100 * (g_m - s_m):+.2f}" if g_m is not None and s_m is not None else "–"
+        lost = (ref - s_m) if s_m is not None else None
+        if g_m is None or lost is None or b == small:
+            recovered = "–"
+        elif lost <= 0:
+            recovered = "no gap"
+        else:
+            recovered = f"{100 * (g_m - s_m) / lost:.0f} %"
+        lines.append(f"| {b} | {cell(s_m, s_s, len(sgd.get(b, [])))} | "
+                     f"{cell(g_m, g_s, len(ga.get(b, [])))} | {diff} | {recovered} |")
+    return "\n".join(lines) + "\n"
+
+
+def _errorbar(ax, chosen, optimizer, key, scale):
+    xs, ms, ss = [], [], []
+    for (b, o), (_, seeds, _) in sorted(chosen.items()):
+        if o != optimizer:
+            continue
+        m, s = _mean_std([key(r) for r in seeds])
+        if m is not None:
+            xs.append(b)
+            ms.append(m * scale)
+            ss.append(s * scale)
+    if xs:
+        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=optimizer)
 
 
 def plots(rows, chosen, out: Path) -> list[Path]:
@@ -123,27 +224,25 @@ def plots(rows, chosen, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     files = []
-    panels = [("test_accuracy", "final test accuracy", "test_accuracy_vs_batch.png", 100.0),
-              ("grad_variance", "gradient variance V (final epoch)", "grad_variance_vs_batch.png", 1.0),
-              ("images_per_sec", "images / s (median epoch)", "throughput_vs_batch.png", 1.0)]
+    panels = [(lambda r: r["test_accuracy"], "test accuracy", "test_accuracy_vs_batch.png", 100.0),
+              (_gap, "train − test accuracy", "gap_vs_batch.png", 100.0),
+              (lambda r: r["grad_variance"], "gradient variance V", "grad_variance_vs_batch.png", 1.0),
+              (lambda r: r["images_per_sec"], "images / s (median epoch)", "throughput_vs_batch.png", 1.0)]
     optimizers = sorted({o for _, o in chosen})
+    sgd_batches = [b for b, o in chosen if o == "sgd"]
     for key, label, name, scale in panels:
         fig, ax = plt.subplots(figsize=(6, 4))
         for o in optimizers:
-            xs, ms, ss = [], [], []
-            for (b, oo), (_, seeds, _) in sorted(chosen.items()):
-                if oo != o:
-                    continue
-                m, s = _mean_std([r[key] for r in seeds])
-                if m is not None:
-                    xs.append(b)
-                    ms.append(m * scale)
-                    ss.append(s * scale)
-            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=o)
+            _errorbar(ax, chosen, o, key, scale)
+        if name == "test_accuracy_vs_batch.png" and sgd_batches:
+            small = min(sgd_batches)
+            m, s = _mean_std([r["test_accuracy"] for r in chosen[(small, "sgd")][1]])
+            ax.axhline(100 * m, color="grey", ls="--", label=f"SGD at batch {small}")
+            ax.axhspan(100 * (m - s), 100 * (m + s), color="grey", alpha=0.15)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("global batch size")
         ax.set_ylabel(label + (" (%)" if scale == 100.0 else ""))
-        if key == "grad_variance":
+        if name == "grad_variance_vs_batch.png":
             ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
@@ -151,16 +250,56 @@ def plots(rows, chosen, out: Path) -> list[Path]:
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         files.append(out / name)
-    return files
+    beta_plot = _beta_curve(rows, chosen, out, plt)
+    return files + ([beta_plot] if beta_plot else [])
 
 
-def report(runs_dir, out=None) -> dict:
+def _beta_curve(rows, chosen, out, plt):
+    """Test and validation accuracy against β at the largest batch, at the learning
+    rate selected for GradAlign there; β = 0 is the SGD point at that rate."""
+    ga_batches = [b for b, o in chosen if o == "gradalign"]
+    if not ga_batches:
+        return None
+    b = max(ga_batches)
+    setting = dict(zip(SETTING_KEYS, chosen[(b, "gradalign")][0]))
+    same = lambda r: (r["batch_size"] == b and r["status"] == "done" and r["lr"] == setting["lr"]
+                      and r["warmup_epochs"] == setting["warmup_epochs"])
+    by_beta = defaultdict(list)
+    for r in rows:
+        if same(r) and r["optimizer"] in ("gradalign", "sgd"):
+            by_beta[r["beta"] if r["optimizer"] == "gradalign" else 0.0].append(r)
+    if len(by_beta) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    betas = sorted(by_beta)
+    for key, label in (("test_accuracy", "test"), ("val_accuracy", "validation")):
+        stats = [_mean_std([r[key] for r in by_beta[x]]) for x in betas]
+        if all(m is None for m, _ in stats):
+            continue
+        ax.errorbar(betas, [100 * m if m is not None else math.nan for m, _ in stats],
+                    yerr=[100 * s if s is not None else 0 for _, s in stats],
+                    marker="o", capsize=3, label=label)
+    for x in betas:
+        ax.annotate(f"n={len(by_beta[x])}", (x, ax.get_ylim()[0]), fontsize=7, ha="center", va="bottom")
+    ax.set_xscale("symlog", linthresh=min(x for x in betas if x > 0))
+    ax.set_xlabel(f"β (batch {b}, lr {setting['lr']:g}; β = 0 is SGD)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "accuracy_vs_beta.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(runs_dir, out=None, at="final") -> dict:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"{runs_dir} is not a folder of sweep runs")
     out = Path(out) if out else runs_dir
     out.mkdir(parents=True, exist_ok=True)
-    rows = collect(runs_dir)
+    rows = collect(runs_dir, at)
     if not rows:
         raise FileNotFoundError(f"no runs (folders with config.json or point.toml) in {runs_dir}")
     buf = io.StringIO()
@@ -169,9 +308,22 @@ def report(runs_dir, out=None) -> dict:
     writer.writerows(rows)
     write_text_atomic(out / "results.csv", buf.getvalue())
     chosen = select(rows)
-    table = markdown_table(rows, chosen) if chosen else "No finished points yet.\n"
-    write_text_atomic(out / "table.md", table)
+    table = markdown_table(rows, chosen, at) if chosen else "No finished points yet.\n"
+    recovery = recovery_table(chosen) if chosen else ""
+    walls = [r["wall_time"] for r in rows if r["status"] == "done" and r["wall_time"]]
+    timing = ""
+    if walls:
+        per = defaultdict(list)
+        for r in rows:
+            if r["status"] == "done" and r["wall_time"]:
+                per[(r["batch_size"], r["optimizer"])].append(r["wall_time"])
+        timing = ("\nWall time per finished point (s, median): "
+                  + "; ".join(f"batch {b} {o} {statistics.median(v):.0f}"
+                              for (b, o), v in sorted(per.items()))
+                  + f". Total over {len(walls)} points: {sum(walls) / 3600:.2f} h.\n")
+    text = table + ("\n" + recovery if recovery else "") + timing
+    write_text_atomic(out / "table.md", text)
     files = plots(rows, chosen, out) if chosen else []
-    print(table)
+    print(text)
     print(f"wrote {out / 'results.csv'}, {out / 'table.md'}" + "".join(f", {f}" for f in files))
-    return {"rows": rows, "chosen": chosen, "table": table, "plots": files}
+    return {"rows": rows, "chosen": chosen, "table": text, "plots": files}

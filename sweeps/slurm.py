@@ -34,7 +34,7 @@ def render(sweep, points, list_file: Path, log_dir: Path, python=sys.executable)
     return Template(TEMPLATE.read_text()).substitute(
         job_name=f"sweep-{sweep.name}", last_index=len(points) - 1,
         max_concurrent=r["max_concurrent"], ntasks=sweep.workers, cpus_per_task=r["cpus_per_task"],
-        time=r["time"], log_dir=log_dir, signal_seconds=r.get("signal_seconds", 60),
+        time=r["time"], log_dir=log_dir, signal_seconds=r["signal_seconds"],
         extra_directives="\n".join(extra), point_list=list_file, python=python, repo=REPO,
         exit_interrupted=EXIT_INTERRUPTED)
 

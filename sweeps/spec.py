@@ -12,6 +12,10 @@
     lr = [0.05, 0.1]
     beta = ["lr/2"]  # numbers, or "lr/K" / "lr*K": K times the point's base lr
     seed = [0, 1, 2]
+
+``[[grid]]`` (an array of tables) instead of ``[grid]`` makes the sweep the union
+of several grids, e.g. a tuning grid on one seed and the chosen settings on more
+seeds; points that two grids share are run once.
     [resources]      # what one SLURM array task asks for
     cpus_per_task = 1
     gpus_per_task = 0
@@ -34,11 +38,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.config import DEFAULTS, SECTION_OF, ConfigError, merge, run_identity, validate
+from train.config import (DEFAULTS, SECTION_OF, ConfigError, check_batch_split, merge, run_identity,
+                          validate)
 
 REPO = Path(__file__).resolve().parents[1]
 RESOURCE_DEFAULTS = {"cpus_per_task": 1, "gpus_per_task": 0, "time": "01:00:00",
-                     "max_concurrent": 4, "partition": ""}
+                     "max_concurrent": 4, "partition": "", "signal_seconds": 60}
 SWEEP_KEYS = {"name", "base_config", "workers", "runs_root"}
 _BETA_RULE = re.compile(r"^\s*lr\s*([*/])\s*([0-9.eE+-]+)\s*$")
 
@@ -134,34 +139,44 @@ def load(path, runs_root=None) -> Sweep:
         return out
 
     merge(base, sectioned({k: v for k, v in spec.get("fixed", {}).items() if k != "beta"}, "fixed"), str(path))
-    grid = spec.get("grid", {})
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: grid.{key} must be a non-empty list")
-        if key not in SECTION_OF:
-            raise ConfigError(f"{path}: unknown training key {key!r} in [grid]")
-    keys = list(grid)
+    grids = spec.get("grid", {})
+    grids = grids if isinstance(grids, list) else [grids]
+    for grid in grids:
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{path}: grid.{key} must be a non-empty list")
+            if key not in SECTION_OF:
+                raise ConfigError(f"{path}: unknown training key {key!r} in [grid]")
     sweep = Sweep(head["name"], path, runs_dir, workers, resources)
     seen = set()
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        params = dict(zip(keys, combo))
-        config = copy.deepcopy(base)
-        flat = {k: v for k, v in params.items() if k != "beta"}
-        merge(config, sectioned(flat, "grid"), str(path))
-        beta = params.get("beta", spec.get("fixed", {}).get("beta", config["optim"]["beta"]))
-        beta = _beta(beta, config["optim"]["lr"], str(path))
-        if config["optim"]["optimizer"] != "gradalign":
-            beta = 0.0  # no β for the baseline: its β variants are one point
-        params["beta"] = beta
-        merge(config, {"optim": {"beta": float(beta)}}, str(path))
-        config["train"]["verbose"] = 2
-        validate(config)
-        pid = point_id(config, workers)
-        if pid in seen:
-            continue
-        seen.add(pid)
-        config["train"]["run_dir"] = str(runs_dir / pid)
-        sweep.points.append(Point(pid, config, workers, params))
+    for grid in grids:
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            params = dict(zip(keys, combo))
+            config = copy.deepcopy(base)
+            flat = {k: v for k, v in params.items() if k != "beta"}
+            merge(config, sectioned(flat, "grid"), str(path))
+            beta = params.get("beta", spec.get("fixed", {}).get("beta", config["optim"]["beta"]))
+            beta = _beta(beta, config["optim"]["lr"], str(path))
+            if config["optim"]["optimizer"] != "gradalign":
+                beta = 0.0  # no β for the baseline: its β variants are one point
+            params["beta"] = beta
+            merge(config, {"optim": {"beta": float(beta)}}, str(path))
+            config["train"]["verbose"] = 2
+            what = ", ".join(f"{k}={v}" for k, v in params.items())
+            try:
+                # The checks `python -m train` makes before training, made here so
+                # that a point that cannot run is never launched.
+                validate(config)
+                check_batch_split(config, workers)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: the point {what} cannot run: {err}") from None
+            pid = point_id(config, workers)
+            if pid in seen:
+                continue
+            seen.add(pid)
+            config["train"]["run_dir"] = str(runs_dir / pid)
+            sweep.points.append(Point(pid, config, workers, params))
     return sweep
 
 

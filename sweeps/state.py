@@ -1,17 +1,20 @@
 """What state each point of a sweep is in, read from its run directory.
 
 ``launcher.json`` in a point's folder is written by whichever launcher ran it
-(local or a SLURM array task): state, return code, job id, log path.
+(local or a SLURM array task): state, return code, job id, log path, and for the
+local launcher its pid and host, so that a launcher killed without a word does not
+leave a point "running" for ever.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_text_atomic
-from train.run import EXIT_INTERRUPTED
 
 DONE, FAILED, RUNNING, INTERRUPTED, PENDING = "done", "failed", "running", "interrupted", "pending"
 
@@ -31,12 +34,38 @@ def record(run_dir, **fields) -> None:
     write_text_atomic(run_dir / "launcher.json", json.dumps(current, indent=1))
 
 
+def _alive(launcher: dict) -> bool:
+    """Whether the local launcher process that claims a point still runs."""
+    pid = launcher.get("pid")
+    if pid is None or launcher.get("host") != socket.gethostname():
+        return True  # cannot tell from here: trust the record
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _from_run_files(run_dir: Path, summary: dict) -> str:
+    """A point that is not running: what its own files say. Launcher exit codes
+    are not used (horovodrun reports 1 for a worker that exited 75)."""
+    if summary.get("status") == "diverged":
+        return FAILED
+    if summary.get("status") == "interrupted" or (run_dir / "checkpoints" / "LATEST").exists():
+        return INTERRUPTED
+    return FAILED
+
+
 def point_state(run_dir, active_jobs=frozenset()) -> str:
     """done | failed | running | interrupted | pending.
 
     ``active_jobs``: SLURM job ids (array task ids, '123_4') the scheduler still
-    has queued or running; a point whose launcher says 'running' under a job the
-    scheduler no longer knows has died without a word, so it counts as failed."""
+    has queued or running. A point whose launcher says 'running' is running only
+    while its launcher is: a SLURM task the scheduler still knows, or a local
+    launcher process that is alive. Otherwise the run's own files decide: a
+    checkpoint to resume from makes it interrupted, nothing makes it failed."""
     run_dir = Path(run_dir)
     summary = read_json(run_dir / "summary.json") or {}
     if summary.get("status") == "finished":
@@ -45,12 +74,11 @@ def point_state(run_dir, active_jobs=frozenset()) -> str:
     state = launcher.get("state")
     if state in ("running", "submitted"):
         job = launcher.get("slurm_job")
-        if job is None or job in active_jobs:
+        if (job is not None and job in active_jobs) or (job is None and _alive(launcher)):
             return RUNNING
-        return FAILED
+        return _from_run_files(run_dir, summary)
     if state == "exited":
-        # A clean exit without a finished summary (checked above) is a failure too.
-        return INTERRUPTED if launcher.get("returncode") == EXIT_INTERRUPTED else FAILED
+        return _from_run_files(run_dir, summary)
     if (run_dir / "checkpoints" / "LATEST").exists():
         return INTERRUPTED
     return PENDING

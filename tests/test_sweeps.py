@@ -80,27 +80,138 @@ def test_spec_errors(tmp_path, edit, match):
         sweep_spec.load(path, tmp_path / "runs")
 
 
+def test_spec_refuses_a_point_that_cannot_run(tmp_path):
+    """Each point's resolved config gets the checks of `python -m train` at load time."""
+    path = write_spec(tmp_path, batches="[256, 300]")
+    path.write_text(path.read_text().replace("micro_batches = 2", "micro_batch_size = 64"))
+    with pytest.raises(ConfigError, match=r"batch_size=300.*cannot run.*local batch 150.*micro_batch_size = 64"):
+        sweep_spec.load(path, tmp_path / "runs")
+    dry = sweeps_cli("run", path, "--dry-run", "--runs-root", tmp_path / "runs")
+    assert dry.returncode == 2 and "batch_size=300" in dry.stderr and "would run" not in dry.stdout
+
+
+def test_spec_union_of_grids(tmp_path):
+    path = write_spec(tmp_path)
+    text = path.read_text()
+    grid = text[text.index("[grid]"):text.index("[resources]")]
+    tuning = grid.replace("[grid]", "[[grid]]")
+    more_seeds = ('[[grid]]\nbatch_size = [128]\noptimizer = ["sgd"]\nlr = [0.05]\n'
+                  'seed = [0, 1, 2]\n')  # seed 0 is also in the first grid: one point
+    path.write_text(text.replace(grid, tuning + more_seeds))
+    sweep = sweep_spec.load(path, tmp_path / "runs")
+    assert len(sweep.points) == 2 * (1 + 2) + 2
+    sgd128 = sorted(p.params["seed"] for p in sweep.points
+                    if p.params["optimizer"] == "sgd" and p.params["batch_size"] == 128)
+    assert sgd128 == [0, 1, 2]
+
+
+def test_signal_seconds_reaches_the_sbatch_script(tmp_path):
+    from sweeps import slurm as slurm_launcher
+
+    path = write_spec(tmp_path)
+    path.write_text(path.read_text().replace("[resources]", "[resources]\nsignal_seconds = 300"))
+    sweep = sweep_spec.load(path, tmp_path / "runs")
+    script = slurm_launcher.render(sweep, sweep.points, tmp_path / "list", tmp_path)
+    assert "#SBATCH --signal=USR1@300" in script
+
+
+def _fake_point(run_dir, *, launcher=None, summary=None, checkpoint=False):
+    run_dir.mkdir(parents=True)
+    if launcher is not None:
+        (run_dir / "launcher.json").write_text(json.dumps(launcher))
+    if summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    if checkpoint:
+        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints" / "LATEST").write_text("ckpt-000001-000003")
+    return run_dir
+
+
+def test_point_state_comes_from_what_the_run_wrote(tmp_path):
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    local = {"state": "running", "launcher": "local", "slurm_job": None, "host": host}
+    cases = {
+        # a local launcher that is gone (SIGKILL): the checkpoint says it can resume
+        "killed_with_ckpt": ({**local, "pid": dead.pid}, None, True, state.INTERRUPTED),
+        "killed_without": ({**local, "pid": dead.pid}, None, False, state.FAILED),
+        "alive": ({**local, "pid": os.getpid()}, None, False, state.RUNNING),
+        # horovodrun exits 1 for a run that stopped on a signal with a checkpoint
+        "hvd_exit_1": ({"state": "exited", "returncode": 1}, {"status": "interrupted"}, True,
+                       state.INTERRUPTED),
+        "ctrl_c": ({"state": "exited", "returncode": None}, None, True, state.INTERRUPTED),
+        "diverged": ({"state": "exited", "returncode": 3}, {"status": "diverged"}, True, state.FAILED),
+        "crashed": ({"state": "exited", "returncode": 1}, None, False, state.FAILED),
+        "slurm_gone": ({"state": "running", "slurm_job": "7_0"}, None, True, state.INTERRUPTED),
+        "slurm_queued": ({"state": "submitted", "slurm_job": "7_1"}, None, False, state.RUNNING),
+    }
+    for name, (launcher, summary, ckpt, expected) in cases.items():
+        run_dir = _fake_point(tmp_path / name, launcher=launcher, summary=summary, checkpoint=ckpt)
+        assert state.point_state(run_dir, {"7_1"}) == expected, name
+
+
+def test_interrupted_local_sweep_resumes(tmp_path):
+    """Ctrl-C to the sweep's process group: the point is 'interrupted', not
+    'running' for ever, and the next run resumes it from its checkpoint."""
+    import signal
+    import time
+
+    path = write_spec(tmp_path, batches="[64]", optimizers='["sgd"]')
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 6"))
+    runs = tmp_path / "runs"
+    (point,) = sweep_spec.load(path, runs).points
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps", "run", str(path), "--runs-root", str(runs)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (point.run_dir / "metrics.json").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    assert state.point_state(point.run_dir) == state.INTERRUPTED
+    status = sweeps_cli("status", path, "--runs-root", runs)
+    assert "1 interrupted" in status.stdout, status.stdout
+    again = sweeps_cli("run", path, "--runs-root", runs)
+    assert again.returncode == 0, again.stdout[-3000:]
+    log = (point.run_dir / "train.log").read_text()
+    assert "resuming" in log, log[-3000:]
+    assert state.point_state(point.run_dir) == state.DONE
+    metrics = json.loads((point.run_dir / "metrics.json").read_text())
+    assert [row["epoch"] for row in metrics] == [1, 2, 3, 4, 5, 6]
+
+
 def test_local_sweep_runs_resumes_and_reports(tmp_path):
-    path = write_spec(tmp_path, batches="[256, 250]", optimizers='["gradalign"]')
+    path = write_spec(tmp_path, batches="[256]", optimizers='["gradalign"]')
+    # 70000 training samples pass the spec's checks but not the dataset's (60000 minus
+    # validation): those points fail when they run, and the others must not care.
+    path.write_text(path.read_text().replace("seed = [0]", "seed = [0]\ntrain_samples = [1024, 70000]"))
     runs = tmp_path / "runs"
     status = sweeps_cli("status", path, "--runs-root", runs)
     assert status.stdout.count("pending") >= 4
     first = sweeps_cli("run", path, "--launcher", "local", "--runs-root", runs)
-    # batch 250 does not split into 2 workers x 2 micro-batches: those points fail, the others finish
     assert first.returncode == 1, first.stderr[-3000:]
     sweep = sweep_spec.load(path, runs)
     states = {p.id: state.point_state(p.run_dir) for p in sweep.points}
     for p in sweep.points:
-        assert states[p.id] == (state.DONE if p.params["batch_size"] == 256 else state.FAILED)
+        assert states[p.id] == (state.DONE if p.params["train_samples"] == 1024 else state.FAILED)
     dry = sweeps_cli("run", path, "--dry-run", "--runs-root", runs)
     would = [line for line in dry.stdout.splitlines() if "would run" in line]
-    assert len(would) == 2 and all("batch_size=250" in line and "[failed]" in line for line in would)
+    assert len(would) == 2 and all("train_samples=70000" in line and "[failed]" in line for line in would)
     result = report(runs / "tiny")
     with open(runs / "tiny" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["status"] for r in rows} == {"done", "failed"}
+    done = [r for r in rows if r["status"] == "done"]
+    # what the points ran: 2 workers, 2 micro-batches of 64 each (256 / 2 / 2)
+    assert {(r["workers"], r["micro_batches"], r["micro_batch_size"]) for r in done} == {("2", "2", "64")}
     assert "| 256 |" in result["table"] and "not finished" in result["table"]
-    for name in ("test_accuracy_vs_batch.png", "grad_variance_vs_batch.png", "throughput_vs_batch.png"):
+    for name in ("test_accuracy_vs_batch.png", "grad_variance_vs_batch.png", "throughput_vs_batch.png",
+                 "gap_vs_batch.png"):
         assert (runs / "tiny" / name).stat().st_size > 1000
 
 

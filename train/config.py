@@ -51,6 +51,8 @@ DEFAULTS = {
         "seed": 0,
         "run_dir": "runs/default",
         "checkpoint_every": 1,        # epochs
+        "eval_every": 1,              # evaluate validation/test every N epochs (and the last)
+        "eval_train": False,          # also evaluate the training samples (clean train accuracy)
         "resume": True,               # continue from run_dir's checkpoint if there is one
         "verbose": 2,                 # Keras progress: 0 silent, 1 bar, 2 a line per epoch
     },
@@ -68,7 +70,8 @@ CHOICES = {
 SECTION_OF = {key: section for section, keys in DEFAULTS.items() for key in keys}
 
 # Keys that may differ between a run and its resumption without changing what it computes.
-RUN_NEUTRAL = {("train", "resume"), ("train", "verbose"), ("train", "checkpoint_every")}
+RUN_NEUTRAL = {("train", "resume"), ("train", "verbose"), ("train", "checkpoint_every"),
+               ("train", "eval_every"), ("train", "eval_train")}
 
 
 def run_identity(config: dict, ignore=()) -> dict:
@@ -133,7 +136,7 @@ def validate(config: dict) -> dict:
     o, t, d = config["optim"], config["train"], config["data"]
     positive = [("train.batch_size", t["batch_size"]), ("train.epochs", t["epochs"]),
                 ("optim.lr", o["lr"]), ("optim.reference_batch", o["reference_batch"]),
-                ("optim.micro_batches", o["micro_batches"])]
+                ("optim.micro_batches", o["micro_batches"]), ("train.eval_every", t["eval_every"])]
     for name, value in positive:
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")

@@ -42,17 +42,30 @@ class EpochStats(keras.callbacks.Callback):
         logs["wall_time"] = self.wall_time_before + time.perf_counter() - self._started
 
 
-class TestEvaluation(keras.callbacks.Callback):
-    """Evaluates the test split at each epoch end: test_loss, test_accuracy."""
+class Evaluation(keras.callbacks.Callback):
+    """Evaluates named datasets at the end of every ``every``-th epoch and of the
+    last one, logging ``{prefix}_{metric}`` (val_accuracy, test_loss, ...).
 
-    def __init__(self, test_data):
+    At a few steps per epoch (large batches on a small training set) evaluating
+    every epoch would cost more than training; epochs without an evaluation carry
+    no such keys."""
+
+    def __init__(self, datasets: dict, every: int = 1, epochs: int = 0):
         super().__init__()
-        self.test_data = test_data
+        self.datasets = {k: v for k, v in datasets.items() if v is not None}
+        self.every = every
+        self.epochs = epochs
+
+    def due(self, epoch) -> bool:
+        return (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs
 
     def on_epoch_end(self, epoch, logs=None):
-        results = self.model.evaluate(self.test_data, verbose=0, return_dict=True)
-        for key, value in results.items():
-            logs[f"test_{key}"] = float(value)
+        if not self.due(epoch):
+            return
+        for prefix, data in self.datasets.items():
+            results = self.model.evaluate(data, verbose=0, return_dict=True)
+            for key, value in results.items():
+                logs[f"{prefix}_{key}"] = float(value)
 
 
 class RunRecorder(keras.callbacks.Callback):
@@ -108,6 +121,12 @@ class RunRecorder(keras.callbacks.Callback):
             checkpoint.save(self.run_dir / "checkpoints", self.model, epoch, step,
                             history=self.history, wall_time=wall)
         self.last_saved = (epoch, step)
+
+
+def best_row(history: list, key: str = "val_accuracy"):
+    """The epoch with the highest ``key`` (the first of equals), or None."""
+    rows = [r for r in history if isinstance(r.get(key), float) and r[key] == r[key]]
+    return max(rows, key=lambda r: r[key]) if rows else None
 
 
 def write_metrics(run_dir, history: list) -> None:

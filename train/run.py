@@ -73,7 +73,7 @@ def run(config) -> int:
     from hvd_gradalign import checkpoint
     from hvd_gradalign.data import make_pipelines
     from train.config import check_batch_split, run_identity
-    from train.recorder import EpochStats, RunRecorder, TestEvaluation
+    from train.recorder import EpochStats, Evaluation, RunRecorder, best_row
 
     hga.init()
     workers, rank = hga.size(), hga.rank()
@@ -117,8 +117,10 @@ def run(config) -> int:
         f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
     guard = hga.StepGuard()
     recorder = RunRecorder(run_dir, guard, history, t["checkpoint_every"], t["epochs"], steps, start_step)
+    evaluated = {"val": pipes.validation, "test": pipes.test,
+                 "train_eval": pipes.train_eval if t["eval_train"] else None}
     callbacks = [hga.BroadcastInitialState(), EpochStats(t["batch_size"], wall_before),
-                 TestEvaluation(pipes.test), hga.MetricAverage(), guard, recorder]
+                 Evaluation(evaluated, t["eval_every"], t["epochs"]), hga.MetricAverage(), guard, recorder]
     if rank == 0:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")))
     verbose = t["verbose"] if rank == 0 else 0
@@ -128,13 +130,13 @@ def run(config) -> int:
     if start_step and epoch < t["epochs"]:
         # Finish the epoch a signal cut short, on exactly the batches it had left.
         model.fit(pipes.train_stream(epoch, start_step), epochs=epoch + 1, initial_epoch=epoch,
-                  steps_per_epoch=steps - start_step, validation_data=pipes.validation,
+                  steps_per_epoch=steps - start_step,
                   callbacks=callbacks, verbose=verbose, shuffle=False)
         epoch += 1
         recorder.offset = 0
     if epoch < t["epochs"] and not guard.stopped_early:
         model.fit(pipes.train_stream(epoch), epochs=t["epochs"], initial_epoch=epoch,
-                  steps_per_epoch=steps, validation_data=pipes.validation,
+                  steps_per_epoch=steps,
                   callbacks=callbacks, verbose=verbose, shuffle=False)
 
     status = "diverged" if guard.diverged else "interrupted" if guard.interrupted_at else "finished"
@@ -142,7 +144,7 @@ def run(config) -> int:
         "status": status, "run_dir": str(run_dir), "workers": workers, "global_batch": t["batch_size"],
         "epochs_done": len(history), "seconds_this_session": time.perf_counter() - t0,
         "final": history[-1] if history else None,
-        "best_val_accuracy": max((r.get("val_accuracy", float("nan")) for r in history), default=None),
+        "best_val": best_row(history),
     }
     if rank == 0:
         checkpoint.write_text_atomic(summary_path, json.dumps(summary, indent=1))
