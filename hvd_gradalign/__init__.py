@@ -14,7 +14,11 @@ from .distributed import (
 from .optimizers import DistributedOptimizer, GradAlign
 from .schedules import WarmupDecay, scaled_learning_rate
 from .steps import GradAlignResult, gradalign_gradients, gradalign_step
-from .wrap import GRAD_VARIANCE, GRAD_VARIANCE_RATIO, wrap
+from .trainer import GRAD_VARIANCE, GRAD_VARIANCE_RATIO, install, wrap
+
+# compile(optimizer=GradAlign(...)) + fit is enough: Keras' trainer dispatches to
+# the GradAlign step from now on (and behaves as before for other optimizers).
+install()
 
 __version__ = "0.1.0"
 
@@ -22,5 +26,5 @@ __all__ = [
     "BroadcastInitialState", "DistributedOptimizer", "GRAD_VARIANCE", "GRAD_VARIANCE_RATIO",
     "GradAlign", "GradAlignResult", "MetricAverage", "StepGuard", "allreduce_mean", "broadcast_variables",
     "callbacks", "gradalign_gradients", "gradalign_step", "init", "is_horovod_active",
-    "local_rank", "local_size", "rank", "scaled_learning_rate", "size", "WarmupDecay", "wrap",
+    "install", "local_rank", "local_size", "rank", "scaled_learning_rate", "size", "WarmupDecay", "wrap",
 ]

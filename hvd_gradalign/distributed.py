@@ -242,8 +242,8 @@ def _check_not_xla() -> None:
     if _in_xla_context():
         raise RuntimeError(
             "Horovod's collective ops cannot run inside XLA-compiled code. "
-            "Compile the model with jit_compile=False (hvd_gradalign.wrap(model) "
-            "does this for you)."
+            "Compile the model with jit_compile=False (fit does this for a model "
+            "compiled with a hvd_gradalign optimizer)."
         )
 
 

@@ -141,9 +141,9 @@ class GradAlign(DistributedOptimizer):
             the implicit regulariser of small-batch SGD with learning rate ε, β = ε/2.
         micro_batches: slices per worker; the local batch must be a multiple of it.
 
-    The train step that computes two gradients per slice lives in
-    ``hvd_gradalign.steps``; give a Keras model that step with
-    ``hvd_gradalign.wrap(model)``.
+    ``model.compile(optimizer=GradAlign(...))`` then ``model.fit`` runs the exact
+    two-pass step (``hvd_gradalign.steps``) for any model that does not override
+    ``train_step``; custom loops call ``hvd_gradalign.gradalign_step``.
     """
 
     def __init__(self, inner_optimizer, beta=None, micro_batches=1, beta_lr_ratio=None,
@@ -182,10 +182,12 @@ class GradAlign(DistributedOptimizer):
 
     def apply(self, grads, trainable_variables=None):
         raise RuntimeError(
-            "GradAlign received a single gradient per step from a stock Keras train step, "
-            "which would silently train as plain large-batch SGD. GradAlign needs two "
-            "gradients on each micro-batch: call `model = hvd_gradalign.wrap(model)` before "
-            "`model.fit`, or use `hvd_gradalign.gradalign_step` in a custom training loop."
+            "GradAlign received a single gradient per step, which would silently train as "
+            "plain large-batch SGD: this model's train_step does not reach GradAlign's step "
+            "(its class overrides train_step without calling super().train_step(data)). "
+            "GradAlign needs two gradients on each micro-batch: call "
+            "`super().train_step(data)` from your train_step, or compute the update with "
+            "`hvd_gradalign.gradalign_step(...)` in it (or in a custom training loop)."
         )
 
     def get_config(self):

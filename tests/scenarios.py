@@ -88,9 +88,7 @@ def run(name, rank, size):
     x, y = data()
     # Ranks other than 0 start elsewhere: the broadcast callback must fix that.
     params = initial_params(kind, seed=1 if rank == 0 else 100 + rank)
-    model = build_model(kind, params)
-    if not spec.get("distributed"):
-        model = hga.wrap(model)
+    model = build_model(kind, params)  # compile alone gives it the GradAlign step: no wrap
     micro = 1 if m_total in (None, "one per worker") else m_total // size
     model.compile(optimizer=make_optimizer(spec, micro),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

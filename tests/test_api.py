@@ -59,14 +59,99 @@ def test_base_optimizer_arguments_go_to_inner():
         hga.DistributedOptimizer(keras.optimizers.SGD(0.1), clipnorm=1.0)
 
 
-def test_gradalign_without_wrap_fails_on_first_step(hvd):
+def test_compile_alone_runs_the_gradalign_step(hvd):
+    """compile + fit, no wrap: the same weights as the explicit wrap form, V logged,
+    and different from plain SGD (so the GradAlign step really ran)."""
     x, y = _data()
-    model = _compile(_model(), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1))
+    results = []
+    for how in ("compile", "wrap", "sgd"):
+        keras.utils.set_random_seed(0)
+        model = _model() if how != "wrap" else hga.wrap(_model())
+        beta = 0.0 if how == "sgd" else 0.5
+        _compile(model, hga.GradAlign(keras.optimizers.SGD(0.1), beta=beta, micro_batches=4))
+        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        results.append(model.get_weights())
+        assert all(v > 0 for v in history.history["grad_variance"])
+    for a, b in zip(results[0], results[1]):
+        np.testing.assert_array_equal(a, b)
+    assert max(np.abs(a - b).max() for a, b in zip(results[0], results[2])) > 1e-4
+
+
+def test_dispatch_is_installed_in_the_keras_trainer(hvd):
+    """What compile-is-enough relies on: keras.Model takes train_step, fit and
+    reset_metrics from the TensorFlow trainer class, where the dispatch sits."""
+    from hvd_gradalign import trainer
+
+    owner = trainer.trainer_class()
+    assert owner.__name__ == "TensorFlowTrainer"
+    for name in ("train_step", "fit", "reset_metrics"):
+        assert getattr(keras.Model, name) is owner.__dict__[name]
+        assert "hvd_gradalign" in owner.__dict__[name].__code__.co_filename
+
+
+class OwnStepModel(keras.Model):
+    """A subclassed model with its own train step."""
+
+    def __init__(self, use_super):
+        super().__init__()
+        self.use_super = use_super
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, data):
+        if self.use_super:
+            return super().train_step(data)
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x=x, y=y, y_pred=self(x))
+        self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+        return {"loss": loss}
+
+
+def test_own_train_step_without_super_fails_at_first_step(hvd):
+    x, y = _data()
+    model = _compile(OwnStepModel(use_super=False), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1))
+    model(x[:1])
     before = [w.copy() for w in model.get_weights()]
-    with pytest.raises(RuntimeError, match=r"hvd_gradalign\.wrap\(model\)"):
+    with pytest.raises(RuntimeError, match=r"super\(\)\.train_step\(data\).*gradalign_step"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     for a, b in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
+    ok = _compile(OwnStepModel(use_super=True), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1,
+                                                          micro_batches=2))
+    history = ok.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert history.history["grad_variance"][0] > 0
+
+
+def test_wrap_takes_effect_on_compiled_fitted_and_loaded_models(hvd, tmp_path):
+    x, y = _data()
+    model = _compile(_model(), hga.DistributedOptimizer(keras.optimizers.SGD(0.1)))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert model.train_function is not None
+    hga.wrap(model)
+    assert model.train_function is None  # the next fit builds it again, with the dispatch
+    _compile(model, hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, micro_batches=4))
+    assert "grad_variance" in model.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    model.save(tmp_path / "m.keras")
+    loaded = hga.wrap(keras.models.load_model(tmp_path / "m.keras"))
+    assert "grad_variance" in loaded.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+
+
+@pytest.mark.parametrize("split, kept", [(0.1, 57), (0.2, 51)])
+def test_validation_split_is_checked_on_what_fit_trains_on(hvd, split, kept):
+    x, y = _data()
+    model = _compile(_model(), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, micro_batches=4))
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ValueError, match=rf"{kept} training samples .*64 samples minus "
+                                         rf"validation_split={split:g} leave {kept}"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, validation_split=split)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # A split that leaves whole batches trains (and validates on the rest).
+    history = model.fit(x[:40], y[:40], batch_size=16, epochs=1, verbose=0, validation_split=0.2)
+    assert "val_loss" in history.history
 
 
 def test_local_batch_smaller_than_micro_batches_is_rejected_before_training(hvd):

@@ -1,0 +1,212 @@
+"""How a Keras model reaches the GradAlign train step.
+
+``model.compile(optimizer=GradAlign(...))`` is enough: on import the library
+installs a dispatch into Keras' TensorFlow trainer (the class every
+``keras.Model`` inherits ``train_step``, ``fit`` and ``reset_metrics`` from) that
+runs the GradAlign step, checks fit's input and turns XLA off whenever the
+model's optimizer is a GradAlign, and does exactly what Keras does otherwise.
+A model class that overrides ``train_step`` without calling ``super()`` never
+reaches it; GradAlign.apply then stops it at the first step with an error
+(it must never train silently as plain large-batch SGD).
+
+``wrap(model)`` is the explicit form: it makes sure the dispatch is installed,
+turns XLA off and drops a train function Keras may already have built.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import warnings
+
+import keras
+import tensorflow as tf
+
+from .optimizers import GradAlign
+from .steps import first_leaf, gradalign_step, micro_batch_error
+
+GRAD_VARIANCE = "grad_variance"
+GRAD_VARIANCE_RATIO = "grad_variance_ratio"
+
+
+class _AlignmentTrackers:
+    """Epoch means of V and V/‖ḡ‖², kept off Keras' attribute tracking so that
+    they never enter the model's saved state."""
+
+    def __init__(self):
+        self.variance = keras.metrics.Mean(name=GRAD_VARIANCE)
+        self.ratio = keras.metrics.Mean(name=GRAD_VARIANCE_RATIO)
+
+    def reset(self):
+        self.variance.reset_state()
+        self.ratio.reset_state()
+
+
+def keras_gradalign_train_step(model: keras.Model, data, trackers: _AlignmentTrackers):
+    """The GradAlign version of ``keras.Model.train_step``."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    compute_loss = getattr(model, "_compute_loss", model.compute_loss)
+
+    def loss_fn(micro_batch):
+        xj, yj, swj = micro_batch
+        y_pred = model(xj, training=True) if model._call_has_training_arg else model(xj)
+        loss = compute_loss(x=xj, y=yj, y_pred=y_pred, sample_weight=swj, training=True)
+        return loss, y_pred
+
+    result = gradalign_step(
+        loss_fn, model.trainable_variables, model.optimizer, (x, y, sample_weight),
+        state_variables=model.non_trainable_variables,
+    )
+    batch = tf.shape(first_leaf(x))[0]
+    model._loss_tracker.update_state(result.loss, sample_weight=batch)
+    trackers.variance.update_state(result.grad_variance)
+    trackers.ratio.update_state(result.grad_variance_ratio)
+    logs = model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
+    logs[GRAD_VARIANCE] = trackers.variance.result()
+    logs[GRAD_VARIANCE_RATIO] = trackers.ratio.result()
+    return logs
+
+
+def check_fit_input(x, batch_size, micro_batches: int, validation_split: float = 0.0) -> None:
+    """Reject, before training, input whose batches GradAlign cannot split: the
+    batches that ``fit`` will iterate, after it has cut off ``validation_split``."""
+    if isinstance(x, tf.data.Dataset):
+        spec = first_leaf(x.element_spec)
+        n = None if spec is None or spec.shape.rank == 0 else spec.shape[0]
+        if n is None:
+            raise ValueError(
+                "GradAlign needs every local batch to split into micro_batches="
+                f"{micro_batches} equal slices, but this dataset's batch size is not fixed "
+                "(its last batch may be partial). Batch it with "
+                "dataset.batch(per_worker_batch, drop_remainder=True)."
+            )
+        error = micro_batch_error(int(n), micro_batches)
+        if error:
+            raise ValueError(f"GradAlign: {error}.")
+        return
+    first = first_leaf(x)
+    if first is None or not hasattr(first, "shape") or isinstance(x, keras.utils.PyDataset):
+        return  # generators and PyDatasets are checked at the first step
+    bs = 32 if batch_size is None else int(batch_size)
+    error = micro_batch_error(bs, micro_batches)
+    if error:
+        raise ValueError(f"GradAlign: {error}.")
+    total = int(first.shape[0])
+    # Keras' own rule (keras.src.trainers.data_adapters.data_adapter_utils.train_validation_split).
+    n = int(math.floor(total * (1.0 - validation_split))) if validation_split else total
+    if n % bs:
+        split = (f" ({total} samples minus validation_split={validation_split:g} leave {n} "
+                 "to train on)") if validation_split else ""
+        raise ValueError(
+            f"GradAlign: {n} training samples with batch_size={bs} leave a last batch of "
+            f"{n % bs} samples{split}, which does not split into micro_batches={micro_batches}. "
+            f"Train on a multiple of {bs} samples (drop {n % bs}) or pass a tf.data.Dataset "
+            "batched with drop_remainder=True."
+        )
+
+
+def _trackers(model) -> _AlignmentTrackers:
+    trackers = model.__dict__.get("_hvd_gradalign_trackers")
+    if trackers is None:
+        trackers = _AlignmentTrackers()
+        # object.__setattr__ keeps it out of Keras' attribute tracking (and saved state).
+        object.__setattr__(model, "_hvd_gradalign_trackers", trackers)
+    return trackers
+
+
+def _uses_horovod(model) -> bool:
+    from .optimizers import DistributedOptimizer
+
+    return isinstance(getattr(model, "optimizer", None), DistributedOptimizer)
+
+
+def _no_xla(model) -> None:
+    if model.jit_compile:
+        warnings.warn("hvd_gradalign: turning jit_compile off (Horovod ops are not XLA-compatible).")
+        model.jit_compile = False
+        model.train_function = None
+
+
+def _build_from_input(model, x) -> None:
+    """Build a lazily built model (a Sequential without Input, a subclassed model)
+    on one sample of fit's input before training. GradAlign's step takes the
+    variable list before its first forward pass, and the initial broadcast needs
+    the variables to exist when training begins."""
+    if model.built or x is None:
+        return
+    if isinstance(x, tf.data.Dataset):
+        x = next(iter(x))
+        x = keras.utils.unpack_x_y_sample_weight(x)[0] if isinstance(x, tuple) else x
+    elif isinstance(x, keras.utils.PyDataset) or not hasattr(first_leaf(x), "shape"):
+        return  # generators: Keras builds the model in its first step
+    model(tf.nest.map_structure(lambda t: t[:1], x), training=False)
+
+
+_TRAINER = None  # the Keras class that defines train_step / fit / reset_metrics
+
+
+def trainer_class():
+    """The class in ``keras.Model``'s MRO that defines ``train_step`` (the TensorFlow
+    backend's trainer); its ``fit`` and ``reset_metrics`` must be there too."""
+    owner = next(c for c in keras.Model.__mro__ if "train_step" in c.__dict__)
+    for name in ("fit", "reset_metrics", "make_train_function"):
+        if not any(name in c.__dict__ for c in owner.__mro__):
+            raise RuntimeError(f"hvd_gradalign: this Keras ({keras.__version__}) has no {name} on "
+                               f"{owner.__name__}; the GradAlign train step cannot be installed.")
+    return owner
+
+
+def install() -> None:
+    """Install the GradAlign dispatch into Keras' trainer (idempotent)."""
+    global _TRAINER
+    if _TRAINER is not None:
+        return
+    owner = trainer_class()
+    stock_train_step, stock_fit, stock_reset = owner.train_step, owner.fit, owner.reset_metrics
+    fit_signature = inspect.signature(stock_fit)
+
+    def train_step(self, data):
+        if isinstance(self.optimizer, GradAlign):
+            return keras_gradalign_train_step(self, data, _trackers(self))
+        return stock_train_step(self, data)
+
+    def fit(self, *args, **kwargs):
+        if not _uses_horovod(self):
+            return stock_fit(self, *args, **kwargs)
+        _no_xla(self)
+        bound = fit_signature.bind_partial(self, *args, **kwargs).arguments
+        _build_from_input(self, bound.get("x"))
+        if isinstance(self.optimizer, GradAlign):
+            check_fit_input(bound.get("x"), bound.get("batch_size"), self.optimizer.micro_batches,
+                            bound.get("validation_split") or 0.0)
+        return stock_fit(self, *args, **kwargs)
+
+    def reset_metrics(self):
+        stock_reset(self)
+        trackers = self.__dict__.get("_hvd_gradalign_trackers")
+        if trackers is not None:
+            trackers.reset()
+
+    for name, fn, stock in (("train_step", train_step, stock_train_step), ("fit", fit, stock_fit),
+                            ("reset_metrics", reset_metrics, stock_reset)):
+        functools.update_wrapper(fn, stock)
+        setattr(owner, name, fn)
+    _TRAINER = owner
+
+
+def wrap(model: keras.Model) -> keras.Model:
+    """Return ``model`` ready for GradAlign / Horovod training: the explicit form of
+    what ``compile`` + ``fit`` do by themselves. XLA is turned off (Horovod's
+    collective ops cannot be XLA-compiled) and any train function Keras already
+    built (e.g. by a ``fit`` that failed) is dropped, so the next ``fit`` uses the
+    GradAlign step. Works on compiled, fitted and loaded models alike.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"wrap() takes a keras.Model, got {type(model).__name__}.")
+    install()
+    model.supports_jit = False
+    if model.compiled:
+        _no_xla(model)
+    model.train_function = None
+    return model
