@@ -11,7 +11,7 @@ from .distributed import (
     rank,
     size,
 )
-from .optimizers import DistributedOptimizer, GradAlign
+from .optimizers import INNER_OPTIMIZERS, DistributedOptimizer, GradAlign, make_inner
 from .schedules import WarmupDecay, scaled_learning_rate
 from .steps import GradAlignResult, gradalign_gradients, gradalign_step
 from .trainer import GRAD_VARIANCE, GRAD_VARIANCE_RATIO, install, wrap
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BroadcastInitialState", "DistributedOptimizer", "GRAD_VARIANCE", "GRAD_VARIANCE_RATIO",
-    "GradAlign", "GradAlignResult", "MetricAverage", "StepGuard", "allreduce_mean", "broadcast_variables",
+    "GradAlign", "GradAlignResult", "INNER_OPTIMIZERS", "make_inner", "MetricAverage", "StepGuard", "allreduce_mean", "broadcast_variables",
     "callbacks", "gradalign_gradients", "gradalign_step", "init", "is_horovod_active",
     "install", "local_rank", "local_size", "rank", "scaled_learning_rate", "size", "WarmupDecay", "wrap",
 ]

@@ -1,18 +1,24 @@
-"""Atomic, resumable checkpoints of a Keras model with its optimizer state.
+"""Atomic, verified, resumable checkpoints of a Keras model with its optimizer state.
 
 Layout under a checkpoint root::
 
-    ckpt-000003-000000/model.keras   model + optimizer (incl. GradAlign's config)
-    ckpt-000003-000000/state.json    epoch, step within the epoch, anything else
-    LATEST                           name of the newest complete checkpoint
+    ckpt-000003-000000/model.keras     model + optimizer (incl. GradAlign's config)
+    ckpt-000003-000000/state.json      epoch, step within the epoch, anything else
+    ckpt-000003-000000/manifest.json   size and SHA-256 of the two files, written last
+    LATEST                             name of the newest complete checkpoint
 
 A checkpoint is written into a temporary folder, renamed into place, and only
 then named in LATEST (itself replaced atomically), so a crash at any moment
 leaves the previous checkpoint intact and LATEST pointing at a complete one.
+The last ``keep`` (2) checkpoints are kept; loading verifies a checkpoint against
+its manifest and falls back to the newest intact one, saying which it skipped.
+Files and folders get the permissions the umask allows (not the 0600/0700 of
+temporary files), so that a group can read results on a shared cluster.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +26,18 @@ import tempfile
 from pathlib import Path
 
 import keras
+
+PAYLOAD = ("model.keras", "state.json")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -30,7 +48,16 @@ def write_text_atomic(path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save(root, model: keras.Model, epoch: int, step: int = 0, keep: int = 2, **state) -> Path:
@@ -39,8 +66,11 @@ def save(root, model: keras.Model, epoch: int, step: int = 0, keep: int = 2, **s
     root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{epoch:06d}-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    os.chmod(tmp, 0o777 & ~_umask())
     model.save(tmp / "model.keras")
     write_text_atomic(tmp / "state.json", json.dumps({"epoch": epoch, "step": step, **state}))
+    manifest = {f: {"size": (tmp / f).stat().st_size, "sha256": _digest(tmp / f)} for f in PAYLOAD}
+    write_text_atomic(tmp / "manifest.json", json.dumps(manifest))
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -54,20 +84,62 @@ def save(root, model: keras.Model, epoch: int, step: int = 0, keep: int = 2, **s
     return final
 
 
-def latest(root) -> Path | None:
+def verify(path) -> str | None:
+    """Why the checkpoint at ``path`` is damaged, or None when it is intact."""
+    path = Path(path)
+    if not path.is_dir():
+        return "missing"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        return "no manifest.json (incomplete)"
+    except json.JSONDecodeError:
+        return "manifest.json is damaged"
+    for name in PAYLOAD:
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        if f.stat().st_size != manifest[name]["size"]:
+            return f"{name} has {f.stat().st_size} bytes, {manifest[name]['size']} were written"
+        if _digest(f) != manifest[name]["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest(root, warn=print) -> Path | None:
+    """The newest intact checkpoint under ``root``: the one LATEST names, else the
+    newest other intact one (``warn`` says what was skipped and why). None when
+    there is no checkpoint at all; CheckpointError when there are only damaged ones."""
     root = Path(root)
     try:
-        name = (root / "LATEST").read_text().strip()
+        named = (root / "LATEST").read_text().strip()
     except FileNotFoundError:
+        named = None
+    candidates = sorted((p for p in root.glob("ckpt-*") if p.is_dir()), reverse=True)
+    if named:
+        candidates = [root / named] + [p for p in candidates if p.name != named]
+    if not candidates:
         return None
-    path = root / name
-    return path if (path / "state.json").exists() and (path / "model.keras").exists() else None
+    skipped = []
+    for path in candidates:
+        problem = verify(path)
+        if problem is None:
+            if skipped:
+                warn(f"warning: skipped damaged checkpoint(s) {'; '.join(skipped)}; resuming from {path.name}")
+            return path
+        skipped.append(f"{path.name}: {problem}")
+    raise CheckpointError(
+        f"no intact checkpoint in {root} ({'; '.join(skipped)}). To start this run over, delete "
+        f"{root}.")
 
 
 def load(path):
     """(model, state) of the checkpoint at ``path``; the model comes compiled with its
     optimizer state restored."""
     path = Path(path)
-    model = keras.models.load_model(path / "model.keras")
-    state = json.loads((path / "state.json").read_text())
+    try:
+        model = keras.models.load_model(path / "model.keras")
+        state = json.loads((path / "state.json").read_text())
+    except Exception as err:  # Keras reports a truncated zip as many different errors
+        raise CheckpointError(f"cannot load the checkpoint {path}: {type(err).__name__}: {err}") from err
     return model, state

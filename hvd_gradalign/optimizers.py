@@ -111,6 +111,27 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         return cls(inner, **config)
 
 
+INNER_OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
+
+
+def make_inner(name, learning_rate, *, momentum=0.0, nesterov=False, weight_decay=0.0,
+               global_clipnorm=None):
+    """A Keras optimizer by name (one of INNER_OPTIMIZERS). ``weight_decay`` is the
+    optimizer's own (decoupled for adamw, Keras' decay for the others)."""
+    wd = weight_decay or None
+    common = {"global_clipnorm": global_clipnorm or None}
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=nesterov,
+                                    weight_decay=wd, **common)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate, weight_decay=wd, **common)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay, **common)
+    if name == "lamb":
+        return keras.optimizers.Lamb(learning_rate, weight_decay=wd, **common)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {INNER_OPTIMIZERS}")
+
+
 def _check_nonnegative(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}.")

@@ -13,7 +13,7 @@ from string import Template
 from sweeps import state
 from sweeps.local import write_point_config
 from sweeps.spec import REPO
-from train.run import EXIT_INTERRUPTED
+from train.exit_codes import EXIT_INTERRUPTED
 
 TEMPLATE = REPO / "slurm" / "sweep_array.sbatch"
 

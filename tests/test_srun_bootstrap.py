@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from hvd_gradalign import distributed
+from hvd_gradalign import srun_bootstrap
 from tests.conftest import REPO
 
 WORKER = """
@@ -21,8 +21,8 @@ print(json.dumps({"rank": hga.rank(), "size": hga.size(), "local_rank": hga.loca
 
 
 def test_tasks_per_node_parsing():
-    assert distributed._tasks_per_node("2(x3),1") == [2, 2, 2, 1]
-    assert distributed._tasks_per_node("4") == [4]
+    assert srun_bootstrap._tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert srun_bootstrap._tasks_per_node("4") == [4]
 
 
 @pytest.mark.horovod

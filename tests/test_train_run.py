@@ -70,8 +70,44 @@ def test_run_writes_its_directory_and_rerun_is_a_noop(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["train"]["epochs"] == 2
     again = run_train(run_dir, "--epochs", "2", "--validation-samples", "512")
     assert again.returncode == 0 and "already finished" in again.stdout
-    other = run_train(run_dir, "--epochs", "3", "--validation-samples", "512")
-    assert other.returncode == 2 and "different configuration" in other.stderr
+    other = run_train(run_dir, "--epochs", "2", "--validation-samples", "512", "--lr", "0.1")
+    assert other.returncode == 2 and "different configuration (changed: optim.lr)" in other.stderr
+    # Asking a finished run (constant lr) for more epochs continues it.
+    more = run_train(run_dir, "--epochs", "3", "--validation-samples", "512")
+    assert more.returncode == 0 and "resuming" in more.stdout, more.stderr[-3000:]
+    assert [row["epoch"] for row in json.loads((run_dir / "metrics.json").read_text())] == [1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_done"] == 3
+
+
+def test_more_epochs_under_cosine_decay_is_refused_with_the_reason(tmp_path):
+    run_dir = tmp_path / "cos"
+    assert run_train(run_dir, "--epochs", "1", "--decay", "cosine").returncode == 0
+    more = run_train(run_dir, "--epochs", "2", "--decay", "cosine")
+    assert more.returncode == 2 and "cosine learning-rate decay is spread over 1 epochs" in more.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet99"], "model.model = 'resnet99'; choose one of"),
+    (["--beta", "NaN"], "optim.beta must be a finite number"),
+    (["--dataset", "no_such_set", "--data-dir", "{tmp}"], "unknown dataset"),
+    (["--train-samples", "70000"], "exceeds the"),
+])
+def test_a_failed_start_leaves_no_identity_behind(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    bad = run_train(run_dir, "--epochs", "1", *[a.format(tmp=tmp_path) for a in args])
+    assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-3000:]
+    assert not (run_dir / "config.json").exists()
+    fixed = run_train(run_dir, "--epochs", "1")  # the corrected command, same --run-dir
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+
+
+def test_unwritable_run_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    bad = run_train(blocker / "run", "--epochs", "1")
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert f"cannot write to the run dir {blocker / 'run'}" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_sgd_baseline_and_config_errors_exit_early(tmp_path):
@@ -82,8 +118,6 @@ def test_sgd_baseline_and_config_errors_exit_early(tmp_path):
     assert row["beta"] == 0.0 and row["grad_variance"] > 0
     bad = run_train(tmp_path / "bad", "--batch-size", "255")
     assert bad.returncode == 2 and "does not split into 1 workers × 2 micro-batches" in bad.stderr
-    bad = run_train(tmp_path / "bad", "--dataset", "no_such_set", "--data-dir", str(tmp_path))
-    assert bad.returncode == 2 and "unknown dataset" in bad.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 

@@ -10,7 +10,12 @@ import argparse
 import copy
 import json
 import tomllib
+import math
 from pathlib import Path
+
+from hvd_gradalign.models import MODELS, NORMS
+from hvd_gradalign.optimizers import INNER_OPTIMIZERS
+from hvd_gradalign.schedules import DECAYS, SCALING_RULES
 
 DEFAULTS = {
     "data": {
@@ -58,12 +63,14 @@ DEFAULTS = {
     },
 }
 
+# The allowed values come from the library's registries (one list per kind).
 CHOICES = {
     "optimizer": ("sgd", "gradalign"),
-    "inner": ("sgd", "adam", "adamw", "lamb"),
-    "lr_scaling": ("linear", "sqrt", "none"),
-    "decay": ("constant", "step", "cosine"),
-    "norm": ("default", "batch", "group", "none"),
+    "inner": INNER_OPTIMIZERS,
+    "model": tuple(sorted(MODELS)),
+    "lr_scaling": SCALING_RULES,
+    "decay": DECAYS,
+    "norm": ("default",) + NORMS,
     "verbose": (0, 1, 2),
 }
 
@@ -82,6 +89,24 @@ def run_identity(config: dict, ignore=()) -> dict:
 
 class ConfigError(ValueError):
     pass
+
+
+def resume_conflict(previous: dict, config: dict) -> str | None:
+    """Why a run dir holding ``previous`` cannot be continued with ``config``, or None.
+    Asking for more (or fewer) epochs is allowed unless the learning-rate schedule
+    depends on the total, as cosine decay does."""
+    old, new = run_identity(previous), run_identity(config)
+    if old == new:
+        return None
+    old_epochs, new_epochs = old["train"].pop("epochs"), new["train"].pop("epochs")
+    if old != new:
+        changed = sorted(f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k])
+        return f"a different configuration (changed: {', '.join(changed) or 'sections'})"
+    if config["optim"]["decay"] == "cosine":
+        return (f"train.epochs {old_epochs} -> {new_epochs}: its cosine learning-rate decay is "
+                f"spread over {old_epochs} epochs, so continuing would not be the run that "
+                f"{new_epochs} epochs would have been")
+    return None
 
 
 def _check_type(key, value, default):
@@ -140,6 +165,9 @@ def validate(config: dict) -> dict:
     for name, value in positive:
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
+    for name in ("lr", "beta", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor", "momentum"):
+        if not math.isfinite(o[name]):
+            raise ConfigError(f"optim.{name} must be a finite number, got {o[name]}")
     for name in ("beta", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor"):
         if o[name] < 0:
             raise ConfigError(f"optim.{name} must be >= 0, got {o[name]}")

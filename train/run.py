@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 75
+from train.exit_codes import EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
 
 def log(msg):
     import hvd_gradalign as hga
@@ -17,8 +18,6 @@ def log(msg):
 
 
 def build_optimizer(config, steps_per_epoch, workers):
-    import keras
-
     import hvd_gradalign as hga
     from hvd_gradalign.schedules import WarmupDecay, scaled_learning_rate
 
@@ -30,15 +29,8 @@ def build_optimizer(config, steps_per_epoch, workers):
         total_steps=t["epochs"] * steps_per_epoch,
         boundaries=[round(e * steps_per_epoch) for e in o["decay_epochs"]],
         decay_factor=o["decay_factor"])
-    common = {"global_clipnorm": o["clipnorm"] or None}
-    wd = o["weight_decay"] or None
-    inner = {
-        "sgd": lambda: keras.optimizers.SGD(schedule, momentum=o["momentum"], nesterov=o["nesterov"],
-                                            weight_decay=wd, **common),
-        "adam": lambda: keras.optimizers.Adam(schedule, weight_decay=wd, **common),
-        "adamw": lambda: keras.optimizers.AdamW(schedule, weight_decay=o["weight_decay"], **common),
-        "lamb": lambda: keras.optimizers.Lamb(schedule, weight_decay=wd, **common),
-    }[o["inner"]]()
+    inner = hga.make_inner(o["inner"], schedule, momentum=o["momentum"], nesterov=o["nesterov"],
+                           weight_decay=o["weight_decay"], global_clipnorm=o["clipnorm"])
     from train.config import micro_batches_per_worker
 
     m = micro_batches_per_worker(config, workers)
@@ -66,13 +58,27 @@ def build_compiled_model(config, info, steps_per_epoch, workers):
     return model
 
 
+def check_writable(run_dir: Path) -> None:
+    """Fail before training, with the folder named, where results cannot be written."""
+    from train.config import ConfigError
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to the run dir {run_dir} ({err.strerror}); choose another "
+                          "--run-dir or fix its permissions") from None
+
+
 def run(config) -> int:
     import keras
 
     import hvd_gradalign as hga
     from hvd_gradalign import checkpoint
     from hvd_gradalign.data import make_pipelines
-    from train.config import check_batch_split, run_identity
+    from train.config import ConfigError, check_batch_split, resume_conflict
     from train.recorder import EpochStats, Evaluation, RunRecorder, best_row
 
     hga.init()
@@ -83,17 +89,18 @@ def run(config) -> int:
     summary_path = run_dir / "summary.json"
     config_path = run_dir / "config.json"
     if config_path.exists():
-        previous = json.loads(config_path.read_text())
-        if run_identity(previous) != run_identity(config):
-            raise ValueError(
-                f"{run_dir} holds a run with a different configuration ({config_path}); "
-                "choose another --run-dir or delete that folder")
-        if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "finished":
+        conflict = resume_conflict(json.loads(config_path.read_text()), config)
+        if conflict:
+            raise ConfigError(f"{run_dir} holds a run that cannot be continued with this configuration: "
+                              f"{conflict} ({config_path}); choose another --run-dir or delete that folder")
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        if summary.get("status") == "finished" and summary.get("epochs_done", 0) >= t["epochs"]:
             log(f"run already finished: {run_dir} (see {summary_path}); nothing to do")
             return EXIT_OK
-    if rank == 0:
-        checkpoint.write_text_atomic(config_path, json.dumps(config, indent=1))
+    check_writable(run_dir)
 
+    # Everything that can fail on the configuration happens before the run leaves
+    # any trace: a corrected command may then use the same --run-dir.
     d = config["data"]
     pipes = make_pipelines(
         d["dataset"], d["data_dir"] or None, rank=rank, size=workers, global_batch=t["batch_size"],
@@ -101,7 +108,7 @@ def run(config) -> int:
         test_samples=d["test_samples"], augment=d["augment"])
     steps = pipes.steps_per_epoch
 
-    ckpt = checkpoint.latest(run_dir / "checkpoints") if t["resume"] else None
+    ckpt = checkpoint.latest(run_dir / "checkpoints", warn=log) if t["resume"] else None
     keras.utils.set_random_seed(t["seed"] * 1000 + rank)
     if ckpt is not None:
         model, state = checkpoint.load(ckpt)
@@ -112,6 +119,8 @@ def run(config) -> int:
         model = build_compiled_model(config, pipes.info, steps, workers)
         start_epoch, start_step, history, wall_before = 0, 0, [], 0.0
     hga.wrap(model)
+    if rank == 0:
+        checkpoint.write_text_atomic(config_path, json.dumps(config, indent=1))
 
     log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers} workers, global batch "
         f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
@@ -166,11 +175,12 @@ def run(config) -> int:
 
 
 def main(argv=None) -> int:
+    from hvd_gradalign.checkpoint import CheckpointError
     from train.config import ConfigError, load
 
     try:
         config = load(argv)
         return run(config)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
