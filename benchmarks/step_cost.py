@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from train.launch import horovodrun_command, subprocess_env  # noqa: E402
 
 
 def build(kind, args):
@@ -82,13 +85,10 @@ def worker(args):
 
 
 def launch(kind, args, result):
-    cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(args.workers),
-           "-H", f"localhost:{args.workers}", "--gloo", sys.executable, __file__, "--worker",
-           "--kind", kind, "--result", result, "--global-batch", str(args.global_batch),
+    cmd = horovodrun_command(args.workers, [__file__, "--worker", "--kind", kind, "--result", result, "--global-batch", str(args.global_batch),
            "--micro-batches", str(args.micro_batches), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+           "--warmup", str(args.warmup)])
+    subprocess.run(cmd, check=True, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL)
     return json.loads(Path(result).read_text())
 
 

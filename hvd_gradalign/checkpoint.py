@@ -18,7 +18,9 @@ temporary files), so that a group can read results on a shared cluster.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -50,6 +52,15 @@ def write_text_atomic(path, text: str) -> None:
         os.fsync(f.fileno())
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def write_csv_atomic(path, rows, fieldnames) -> None:
+    """``rows`` (dicts) as a CSV file, replaced atomically; missing keys stay empty."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def _digest(path: Path) -> str:

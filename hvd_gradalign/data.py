@@ -3,9 +3,13 @@ dataset, and per-worker input pipelines."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
+import io
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +101,25 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": images[i][..., None], "label": int(labels[i])}
 
 
+@contextlib.contextmanager
+def _absl_warnings_off():
+    # tfds warns that a not yet prepared folder "has no dataset_info.json": true, and
+    # about to be fixed.
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _prepare_embedded(data_dir: Path):
+    with _absl_warnings_off():
+        return _prepare_embedded_once(data_dir)
+
+
+def _prepare_embedded_once(data_dir: Path):
     """Prepare the embedded dataset once; concurrent workers wait on a file lock."""
     data_dir.mkdir(parents=True, exist_ok=True)
     builder = FashionMnistLocal(data_dir=str(data_dir))
@@ -108,8 +130,14 @@ def _prepare_embedded(data_dir: Path):
         fcntl.flock(lock, fcntl.LOCK_EX)
         builder = FashionMnistLocal(data_dir=str(data_dir))
         if not builder.is_prepared():
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=str(FASHION_MNIST_DIR)))
+            # tfds announces "Downloading and preparing dataset Unknown size": nothing
+            # is downloaded here, so say what happens instead.
+            print(f"hvd_gradalign: preparing the embedded Fashion-MNIST from {FASHION_MNIST_DIR} "
+                  f"into {data_dir} (once)", file=sys.stderr, flush=True)
+            with contextlib.redirect_stdout(io.StringIO()):
+                tfds.disable_progress_bar()
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(manual_dir=str(FASHION_MNIST_DIR)))
     return builder
 
 

@@ -120,35 +120,47 @@ def gradalign_gradients(
     b = _micro_batch_size(data, m)
     mdtype = _metric_dtype(variables)
 
-    def gradients_here(mb):
+    def gradients_on(j):
         with tf.GradientTape() as tape:
-            loss, outputs = loss_fn(mb)
-        grads = tape.gradient(loss, variables)
-        return loss, outputs, grads
+            loss, outputs = loss_fn(_slice(data, j, b))
+        return loss, outputs, tape.gradient(loss, variables)
 
     x = _snapshot(variables)
     s0 = _snapshot(state_variables)
+    g_stack, loss, outputs = _first_pass(gradients_on, variables, m, mdtype)
+    g_bar, variance, ratio = _mean_gradient_and_variance(g_stack, m, mdtype)
+    if skip_second_pass:
+        return GradAlignResult(g_bar, loss, outputs, variance, ratio)
+    # Same samples, same random state (dropout draw) as the first pass; the state
+    # kept after the step (BatchNorm moving statistics) is the first pass's.
+    s1 = _snapshot(state_variables)
+    _restore(state_variables, s0)
+    h_local = _second_pass(gradients_on, variables, x, g_stack, g_bar, beta, m)
+    _restore(variables, x)
+    _restore(state_variables, s1)
+    return GradAlignResult(distributed.allreduce_mean(h_local), loss, outputs, variance, ratio)
 
-    # ---- pass 1: g_j at x -------------------------------------------------
-    # Micro-batch 0 runs outside the loop: it builds an unbuilt model, and it
-    # tells which variables get no gradient and the shapes of the outputs.
-    loss0, outputs0, grads0 = gradients_here(_slice(data, 0, b))
+
+def _first_pass(gradients_on, variables, m, mdtype):
+    """g_j at x for every micro-batch j: ([m, ...] stacked gradients or None per
+    variable, the mean loss, the outputs concatenated over micro-batches)."""
+    # Micro-batch 0 runs outside the loop: it tells which variables get no
+    # gradient and the shapes of the outputs.
+    loss0, outputs0, grads0 = gradients_on(0)
     present = [i for i, g in enumerate(grads0) if g is not None]
-    out_spec = outputs0
     g_tas = [tf.TensorArray(variables[i].dtype, size=m, element_shape=variables[i].shape)
              .write(0, tf.convert_to_tensor(grads0[i])) for i in present]
     out_tas = [tf.TensorArray(leaf.dtype, size=m, element_shape=leaf.shape).write(0, leaf)
                for leaf in tf.nest.flatten(outputs0)]
 
-    def first_body(j, loss_sum, g_tas, out_tas):
-        loss, outputs, grads = gradients_here(_slice(data, j, b))
+    def body(j, loss_sum, g_tas, out_tas):
+        loss, outputs, grads = gradients_on(j)
         g_tas = [ta.write(j, tf.convert_to_tensor(grads[i])) for ta, i in zip(g_tas, present)]
         out_tas = [ta.write(j, leaf) for ta, leaf in zip(out_tas, tf.nest.flatten(outputs))]
         return j + 1, loss_sum + tf.cast(loss, mdtype), g_tas, out_tas
 
     _, loss_sum, g_tas, out_tas = tf.while_loop(
-        lambda j, *_: j < m, first_body,
-        (tf.constant(1), tf.cast(loss0, mdtype), g_tas, out_tas),
+        lambda j, *_: j < m, body, (tf.constant(1), tf.cast(loss0, mdtype), g_tas, out_tas),
         parallel_iterations=1,
     )
     g_stack = [None] * len(variables)
@@ -159,10 +171,15 @@ def gradalign_gradients(
         stacked = ta.stack()  # [m, b, ...] -> [m*b, ...]
         return tf.reshape(stacked, tf.concat([[-1], tf.shape(stacked)[2:]], 0))
 
-    outputs = tf.nest.pack_sequence_as(out_spec, [concat_micro_batches(ta) for ta in out_tas])
-    loss = loss_sum / m
+    outputs = tf.nest.pack_sequence_as(outputs0, [concat_micro_batches(ta) for ta in out_tas])
+    return g_stack, loss_sum / m, outputs
 
-    # ---- allreduce #1: ḡ, plus mean_j ‖g_j‖² for the variance metric ------
+
+def _mean_gradient_and_variance(g_stack, m, mdtype):
+    """Allreduce #1: ḡ over all micro-batches of all workers, with V and V/‖ḡ‖².
+
+    V = mean_j ‖g_j‖² − ‖ḡ‖² (the same value as mean_j ‖g_j − ḡ‖²) so that the
+    metric rides on this allreduce and costs no extra communication."""
     g_local = [None if g is None else tf.reduce_mean(g, axis=0) for g in g_stack]
     sq_local = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, mdtype))) for g in g_stack
                          if g is not None]) / m
@@ -170,36 +187,26 @@ def gradalign_gradients(
     g_bar, mean_sq = reduced[:-1], reduced[-1]
     g_bar_sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, mdtype))) for g in g_bar
                          if g is not None])
-    # V = mean_j ‖g_j‖² − ‖ḡ‖² (same value as mean_j ‖g_j − ḡ‖², but it rides on
-    # the first allreduce, so the metric costs no extra communication).
     variance = tf.maximum(mean_sq - g_bar_sq, 0.0)
-    ratio = tf.math.divide_no_nan(variance, g_bar_sq)
+    return g_bar, variance, tf.math.divide_no_nan(variance, g_bar_sq)
 
-    if skip_second_pass:
-        return GradAlignResult(g_bar, loss, outputs, variance, ratio)
 
-    # ---- pass 2: h_j at x + β (g_j − ḡ), same samples, same random state ---
-    s1 = _snapshot(state_variables)
-    _restore(state_variables, s0)
-
-    def second_body(j, h_sum):
+def _second_pass(gradients_on, variables, x, g_stack, g_bar, beta, m):
+    """This worker's mean of h_j = ∇f_j(x + β(g_j − ḡ)); the variables are left
+    displaced (the caller restores x)."""
+    def body(j, h_sum):
         for v, x_v, g, gb in zip(variables, x, g_stack, g_bar):
             if g is not None:
                 v.assign(x_v + tf.cast(beta, v.dtype) * (g[j] - gb))
-        _, _, grads = gradients_here(_slice(data, j, b))
+        _, _, grads = gradients_on(j)
         return j + 1, [h if g is None else h + tf.convert_to_tensor(g)
                        for h, g in zip(h_sum, grads)]
 
     h_init = [tf.zeros(v.shape, v.dtype) for v in variables]
     _, h_sum = tf.while_loop(
-        lambda j, *_: j < m, second_body, (tf.constant(0), h_init), parallel_iterations=1
+        lambda j, *_: j < m, body, (tf.constant(0), h_init), parallel_iterations=1
     )
-    _restore(variables, x)
-    _restore(state_variables, s1)
-
-    h_local = [h / m if g is not None else None for h, g in zip(h_sum, g_stack)]
-    h = distributed.allreduce_mean(h_local)
-    return GradAlignResult(h, loss, outputs, variance, ratio)
+    return [h / m if g is not None else None for h, g in zip(h_sum, g_stack)]
 
 
 def gradalign_step(loss_fn: Callable, variables, optimizer, data, state_variables=()) -> GradAlignResult:

@@ -5,12 +5,12 @@ python -m sweeps report RUNS_DIR"""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
 
+from sweeps import launcher as launchers
 from sweeps import state
-from sweeps.spec import REPO, load
+from sweeps.spec import load
 
 TODO = (state.PENDING, state.FAILED, state.INTERRUPTED)
 
@@ -27,7 +27,8 @@ def _active():
 
 def cmd_run(args) -> int:
     sweep = load(args.spec, args.runs_root)
-    states = _states(sweep, _active() if args.launcher == "slurm" else frozenset())
+    launcher = launchers.get(args.launcher)
+    states = _states(sweep, launcher.active_jobs())
     todo = [p for p in sweep.points if states[p.id] in TODO]
     print(f"sweep {sweep.name}: {len(sweep.points)} points, {len(todo)} to run "
           f"({', '.join(f'{n} {s}' for s, n in sorted(Counter(states.values()).items()))})")
@@ -38,34 +39,22 @@ def cmd_run(args) -> int:
         return 0
     if not todo:
         return 0
-    if args.launcher == "local":
-        from sweeps.local import run_point
-
-        env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        failed = 0
-        for i, p in enumerate(todo, 1):
-            print(f"[{i}/{len(todo)}] {p.id} {p.params}", flush=True)
-            try:
-                rc = run_point(p, env)
-            except KeyboardInterrupt:
-                print(f"interrupted during {p.id}; run the same command again to resume", flush=True)
-                return 130
-            if rc != 0:
-                failed += 1
-                print(f"  exited {rc}; see {p.run_dir / 'train.log'} (the sweep goes on)", flush=True)
-        print(f"done: {len(todo) - failed} succeeded, {failed} did not")
-        return 1 if failed else 0
-    from sweeps import slurm
-
-    job = slurm.submit(sweep, todo)
-    print(f"submitted job array {job} with {len(todo)} tasks")
-    if args.wait:
-        slurm.wait(job)
-        states = _states(sweep, slurm.active_jobs())
-        bad = [p.id for p in todo if states[p.id] != state.DONE]
-        print(f"job {job} ended: {len(todo) - len(bad)} done, {len(bad)} not done")
-        return 1 if bad else 0
-    return 0
+    try:
+        handle = launcher.submit(sweep, todo)
+    except KeyboardInterrupt:
+        print("interrupted; the current point checkpointed where it could. Run the same command "
+              "again to resume", flush=True)
+        return 130
+    if args.launcher == "slurm":
+        print(f"submitted job array {handle} with {len(todo)} tasks")
+        if not args.wait:
+            return 0
+        launcher.wait(handle)
+    states = _states(sweep, launcher.active_jobs())
+    bad = [p.id for p in todo if states[p.id] != state.DONE]
+    ended = f"job {handle} ended" if args.launcher == "slurm" else "done"
+    print(f"{ended}: {len(todo) - len(bad)} done, {len(bad)} not done")
+    return 1 if bad else 0
 
 
 def cmd_status(args) -> int:

@@ -11,16 +11,15 @@ from pathlib import Path
 
 from sweeps import state
 from sweeps.spec import REPO, to_toml
+from sweeps.launcher import Launcher
+from train.launch import horovodrun_command, subprocess_env
 
 STOP_GRACE_S = 120  # how long an interrupted point may take to checkpoint and exit
 
 
 def point_command(point, python=sys.executable) -> list[str]:
-    train = [python, "-m", "train", "--config", str(point.run_dir / "point.toml")]
-    if point.workers == 1:
-        return train
-    horovodrun = str(Path(python).parent / "horovodrun")
-    return [horovodrun, "-np", str(point.workers), "-H", f"localhost:{point.workers}", "--gloo", *train]
+    return horovodrun_command(point.workers, ["-m", "train", "--config", point.run_dir / "point.toml"],
+                              python)
 
 
 def write_point_config(point) -> Path:
@@ -56,3 +55,26 @@ def run_point(point, env) -> int:
         # Also on Ctrl-C: the point's own files then say whether it can resume.
         state.record(point.run_dir, state="exited", returncode=rc)
     return rc
+
+
+class LocalLauncher(Launcher):
+    """Points one after another in this process's foreground; ``submit`` returns
+    when they have all ended (a failed point does not stop the others)."""
+
+    name = "local"
+
+    def __init__(self):
+        self.failed = []
+
+    def submit(self, sweep, points) -> str:
+        env = subprocess_env()
+        for i, p in enumerate(points, 1):
+            print(f"[{i}/{len(points)}] {p.id} {p.params}", flush=True)
+            rc = run_point(p, env)
+            if rc != 0:
+                self.failed.append(p.id)
+                print(f"  exited {rc}; see {p.run_dir / 'train.log'} (the sweep goes on)", flush=True)
+        return "local"
+
+    def wait(self, handle, timeout_s=None) -> None:
+        return None  # submit ran everything already

@@ -15,15 +15,13 @@ lowest training loss decides, and the table says so.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 import tomllib
 from collections import defaultdict
 from pathlib import Path
 
-from hvd_gradalign.checkpoint import write_text_atomic
+from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps.state import point_state, read_json
 
 COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size", "workers",
@@ -302,11 +300,7 @@ def report(runs_dir, out=None, at="final") -> dict:
     rows = collect(runs_dir, at)
     if not rows:
         raise FileNotFoundError(f"no runs (folders with config.json or point.toml) in {runs_dir}")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(out / "results.csv", buf.getvalue())
+    write_csv_atomic(out / "results.csv", rows, COLUMNS)
     chosen = select(rows)
     table = markdown_table(rows, chosen, at) if chosen else "No finished points yet.\n"
     recovery = recovery_table(chosen) if chosen else ""

@@ -11,6 +11,7 @@ from pathlib import Path
 from string import Template
 
 from sweeps import state
+from sweeps.launcher import Launcher
 from sweeps.local import write_point_config
 from sweeps.spec import REPO
 from train.exit_codes import EXIT_INTERRUPTED
@@ -76,3 +77,18 @@ def wait(job: str, poll_s: float = 2.0, timeout_s: float | None = None) -> None:
         if timeout_s is not None and time.time() - t0 > timeout_s:
             raise TimeoutError(f"job {job} still running after {timeout_s:.0f}s")
         time.sleep(poll_s)
+
+
+class SlurmLauncher(Launcher):
+    """One sbatch job array per submission; the scheduler runs, requeues and ends it."""
+
+    name = "slurm"
+
+    def submit(self, sweep, points) -> str:
+        return submit(sweep, points)
+
+    def wait(self, handle, timeout_s=None) -> None:
+        wait(handle, timeout_s=timeout_s)
+
+    def active_jobs(self) -> set[str]:
+        return active_jobs()

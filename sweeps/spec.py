@@ -34,11 +34,11 @@ import hashlib
 import itertools
 import json
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.config import (DEFAULTS, SECTION_OF, ConfigError, check_batch_split, merge, run_identity,
+from train.config import (DEFAULTS, SECTION_OF, ConfigError, check_batch_split, merge, read_toml,
+                          run_identity,
                           validate)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,13 +98,7 @@ def point_id(config: dict, workers: int) -> str:
 
 def load(path, runs_root=None) -> Sweep:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"sweep spec {path} does not exist")
-    with open(path, "rb") as f:
-        try:
-            spec = tomllib.load(f)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: {err}") from err
+    spec = read_toml(path, "sweep spec")
     unknown = set(spec) - {"sweep", "fixed", "grid", "resources"}
     if unknown:
         raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; use sweep, fixed, grid, resources")
@@ -127,8 +121,7 @@ def load(path, runs_root=None) -> Sweep:
     base = copy.deepcopy(DEFAULTS)
     if "base_config" in head:
         base_path = _resolve_path(head["base_config"], path)
-        with open(base_path, "rb") as f:
-            merge(base, tomllib.load(f), str(base_path))
+        merge(base, read_toml(base_path, "base config"), str(base_path))
 
     def sectioned(flat, where):
         out: dict = {}

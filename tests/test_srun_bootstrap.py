@@ -2,7 +2,6 @@
 
 Real srun runs in the SLURM tests; this one sets the variables srun would set."""
 
-import os
 import subprocess
 import sys
 import uuid
@@ -11,6 +10,7 @@ import pytest
 
 from hvd_gradalign import srun_bootstrap
 from tests.conftest import REPO
+from train.launch import subprocess_env
 
 WORKER = """
 import json, hvd_gradalign as hga, tensorflow as tf
@@ -32,7 +32,7 @@ def test_two_tasks_rendezvous_like_srun(tmp_path):
     step = uuid.uuid4().hex[:8]
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": step,
+        env = {**subprocess_env(), "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": step,
                "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
                "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "localhost",
                "SLURM_STEP_TASKS_PER_NODE": "2", "HVD_GRADALIGN_RENDEZVOUS_DIR": str(tmp_path)}

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,6 +12,7 @@ from sweeps import spec as sweep_spec
 from sweeps import state
 from sweeps.report import report
 from tests.conftest import REPO
+from train.launch import subprocess_env
 from tests.slurm_cluster import ClusterUnavailable, LocalSlurm
 from train.config import ConfigError
 
@@ -48,8 +48,7 @@ def write_spec(tmp_path, name="tiny", batches="[128, 256]", optimizers='["sgd", 
 
 
 def sweeps_cli(*args, env=None, timeout=900):
-    env = {**(env or os.environ), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "sweeps", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "sweeps", *map(str, args)], cwd=REPO, env=subprocess_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -163,9 +162,8 @@ def test_interrupted_local_sweep_resumes(tmp_path):
     path.write_text(path.read_text().replace("epochs = 1", "epochs = 6"))
     runs = tmp_path / "runs"
     (point,) = sweep_spec.load(path, runs).points
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "sweeps", "run", str(path), "--runs-root", str(runs)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 300
     while not (point.run_dir / "metrics.json").exists():

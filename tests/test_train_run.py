@@ -16,6 +16,7 @@ import hvd_gradalign as hga
 from hvd_gradalign import checkpoint
 from hvd_gradalign.models import MODELS, build_model
 from tests.conftest import HOROVODRUN, REPO, horovodrun
+from train.launch import subprocess_env
 
 SMALL = ["--train-samples", "2048", "--test-samples", "512", "--batch-size", "256",
          "--micro-batches", "2"]
@@ -26,8 +27,7 @@ def train_cmd(run_dir, *args):
 
 
 def run_train(run_dir, *args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(train_cmd(run_dir, *args), cwd=REPO, env=env, capture_output=True,
+    return subprocess.run(train_cmd(run_dir, *args), cwd=REPO, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -138,8 +138,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path):
     args = ["--epochs", "3", "--train-samples", "8192", "--batch-size", "64", "--micro-batches", "2"]
     assert run_train(tmp_path / "straight", *args).returncode == 0
     run_dir = tmp_path / "interrupted"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(train_cmd(run_dir, *args), cwd=REPO, env=env,
+    proc = subprocess.Popen(train_cmd(run_dir, *args), cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (run_dir / "metrics.json").exists():  # epoch 1 done: now inside epoch 2
@@ -194,7 +193,7 @@ def test_worker_death_ends_the_run_in_bounded_time(tmp_path):
     run_dir = tmp_path / "death"
     cmd = [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "train",
            "--run-dir", str(run_dir), "--verbose", "0", *SMALL, "--epochs", "1000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240

@@ -91,6 +91,18 @@ class ConfigError(ValueError):
     pass
 
 
+def read_toml(path, what="TOML file") -> dict:
+    """A TOML file's tables; a missing file or a syntax error is a ConfigError naming it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
 def resume_conflict(previous: dict, config: dict) -> str | None:
     """Why a run dir holding ``previous`` cannot be continued with ``config``, or None.
     Asking for more (or fewer) epochs is allowed unless the learning-rate schedule
@@ -230,14 +242,7 @@ def load(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     config = copy.deepcopy(DEFAULTS)
     if args.config:
-        path = Path(args.config)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        with open(path, "rb") as f:
-            try:
-                merge(config, tomllib.load(f), str(path))
-            except tomllib.TOMLDecodeError as err:
-                raise ConfigError(f"{path}: {err}") from err
+        merge(config, read_toml(args.config, "config file"), str(args.config))
     overrides: dict = {}
     for item in args.set:
         if "=" not in item or "." not in item.split("=", 1)[0]:

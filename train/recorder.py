@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 
@@ -131,9 +129,5 @@ def best_row(history: list, key: str = "val_accuracy"):
 
 def write_metrics(run_dir, history: list) -> None:
     keys = ["epoch"] + sorted({k for row in history for k in row} - {"epoch"})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    checkpoint.write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
+    checkpoint.write_csv_atomic(run_dir / "metrics.csv", history, keys)
     checkpoint.write_text_atomic(run_dir / "metrics.json", json.dumps(history, indent=1))

@@ -1,0 +1,33 @@
+"""What a sweep launcher is: run (or submit) points, wait for them, and say which
+jobs it still holds, so that ``state.point_state`` can tell a running point from
+one whose launcher is gone. ``sweeps.local`` and ``sweeps.slurm`` implement it."""
+
+from __future__ import annotations
+
+
+class Launcher:
+    name = "?"
+
+    def submit(self, sweep, points) -> str:
+        """Start ``points``; return a handle to wait on."""
+        raise NotImplementedError
+
+    def wait(self, handle: str, timeout_s: float | None = None) -> None:
+        """Return when the points of ``handle`` have ended."""
+        raise NotImplementedError
+
+    def active_jobs(self) -> set[str]:
+        """Job ids this launcher's scheduler still holds ('' for none)."""
+        return set()
+
+
+def get(name: str) -> Launcher:
+    if name == "local":
+        from sweeps.local import LocalLauncher
+
+        return LocalLauncher()
+    if name == "slurm":
+        from sweeps.slurm import SlurmLauncher
+
+        return SlurmLauncher()
+    raise ValueError(f"unknown launcher {name!r}; choose local or slurm")
