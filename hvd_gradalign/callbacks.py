@@ -17,15 +17,29 @@ from . import distributed
 
 class BroadcastInitialState(keras.callbacks.Callback):
     """At the start of ``fit``, copy rank ``root_rank``'s weights and optimizer
-    state to every worker, so that all workers start from the same point."""
+    state to every worker, so that all workers start from the same point.
+
+    ``fit`` builds a lazily built model (a Sequential without Input, a subclassed
+    model) on one sample first when this callback is in its list, so the weights
+    exist here; only for generator input does the broadcast wait until the end of
+    the first batch, as Horovod's own callback does."""
 
     def __init__(self, root_rank: int = 0):
         super().__init__()
         self.root_rank = root_rank
 
     def on_train_begin(self, logs=None):
-        if distributed.size() == 1:
-            return
+        self._done = distributed.size() == 1
+        if not self._done and self.model.weights:
+            self._broadcast()
+
+    def on_train_batch_end(self, batch, logs=None):
+        # A model that fit could not build beforehand (generator input) has its
+        # weights only after the first step: Horovod's own fallback.
+        if not self._done:
+            self._broadcast()
+
+    def _broadcast(self):
         model = self.model
         variables = list(model.weights)  # not dropout seeds: workers keep their own draws
         optimizer = model.optimizer
@@ -34,6 +48,7 @@ class BroadcastInitialState(keras.callbacks.Callback):
                 optimizer.build(model.trainable_variables)
             variables += list(optimizer.variables)
         distributed.broadcast_variables(variables, self.root_rank)
+        self._done = True
 
 
 class MetricAverage(keras.callbacks.Callback):

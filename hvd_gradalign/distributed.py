@@ -142,16 +142,68 @@ def allreduce_mean(tensors):
 
     ``None`` entries (variables without a gradient) stay ``None``.
     """
+    return allreduce_list(tensors)
+
+
+def allreduce_list(tensors, op: str = "average", predivide: float = 1.0, fp16: bool = False):
+    """Reduce a list of tensors over all workers with one fused allreduce.
+
+    ``op``: "average" or "sum". ``predivide`` (average only): divide by it before
+    the sum and by size/predivide after (Horovod's gradient_predivide_factor; the
+    same average, other rounding). ``fp16``: float tensors travel as float16 and
+    come back in their own dtype. ``None`` entries stay ``None``.
+    """
     tensors = [None if t is None else tf.convert_to_tensor(t) for t in tensors]
+    if op not in ("average", "sum"):
+        raise ValueError(f"op must be 'average' or 'sum', got {op!r}")
     if size() == 1:
+        if fp16:  # the same rounding as on several workers
+            return [t if t is None or not t.dtype.is_floating else tf.cast(tf.cast(t, tf.float16), t.dtype)
+                    for t in tensors]
         return tensors
     _check_not_xla()
     present = [i for i, t in enumerate(tensors) if t is not None]
-    reduced = _hvd.grouped_allreduce([tensors[i] for i in present], op=_hvd.Average)
+    sent = [tensors[i] for i in present]
+    if fp16:
+        sent = [tf.cast(t, tf.float16) if t.dtype.is_floating else t for t in sent]
+    if op == "average" and predivide == 1.0:
+        reduced = _hvd.grouped_allreduce(sent, op=_hvd.Average)
+    elif op == "average":
+        reduced = _hvd.grouped_allreduce(sent, op=_hvd.Sum, prescale_factor=1.0 / predivide,
+                                         postscale_factor=predivide / size())
+    else:
+        reduced = _hvd.grouped_allreduce(sent, op=_hvd.Sum)
     out = list(tensors)
     for i, r in zip(present, reduced):
-        out[i] = r
+        out[i] = tf.cast(r, tensors[i].dtype)
     return out
+
+
+def allgather(tensor, name=None):
+    """Concatenate every worker's ``tensor`` along the first axis (rank order)."""
+    tensor = tf.convert_to_tensor(tensor)
+    if size() == 1:
+        return tensor
+    return _hvd.allgather(tensor, name=name)
+
+
+def broadcast(tensor, root_rank: int = 0, name=None):
+    """Root's value of ``tensor`` on every worker."""
+    tensor = tf.convert_to_tensor(tensor)
+    if size() == 1:
+        return tensor
+    return _hvd.broadcast(tensor, root_rank, name=name)
+
+
+def shutdown() -> None:
+    global _initialised, _hvd
+    if _hvd is not None:
+        _hvd.shutdown()
+    _hvd, _initialised = None, False
+
+
+def is_initialized() -> bool:
+    return _initialised
 
 
 def allreduce_mean_numpy(values):

@@ -41,7 +41,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     ``grouped_allreduce`` before the inner update.
     """
 
-    def __init__(self, inner_optimizer, name=None, **kwargs):
+    def __init__(self, inner_optimizer, name=None, compression="none", op="average",
+                 gradient_predivide_factor=1.0, backward_passes_per_step=1,
+                 average_aggregated_gradients=False, **kwargs):
         _reject_base_kwargs(type(self).__name__, kwargs)
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
@@ -49,28 +51,77 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             )
         if isinstance(inner_optimizer, DistributedOptimizer):
             raise TypeError("inner_optimizer is already distributed; wrap a plain Keras optimizer.")
+        if compression not in ("none", "fp16"):
+            raise ValueError(f"compression must be 'none' or 'fp16', got {compression!r}.")
+        if op not in ("average", "sum"):
+            raise ValueError(f"op must be 'average' or 'sum', got {op!r}.")
+        if gradient_predivide_factor != 1.0 and op != "average":
+            raise ValueError("gradient_predivide_factor needs op='average' (as in Horovod).")
+        if not float(gradient_predivide_factor) > 0:
+            raise ValueError(f"gradient_predivide_factor must be > 0, got {gradient_predivide_factor!r}.")
+        if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
+                or backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be an integer >= 1, got {backward_passes_per_step!r}.")
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
+        self.compression = compression
+        self.op = op
+        self.gradient_predivide_factor = float(gradient_predivide_factor)
+        self.backward_passes_per_step = backward_passes_per_step
+        self.average_aggregated_gradients = bool(average_aggregated_gradients)
 
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+        if self.backward_passes_per_step > 1:
+            # Local gradient sums between allreduces (Horovod's backward_passes_per_step).
+            self._accumulators = [self.add_variable_from_reference(v, "hvd_accumulated")
+                                  for v in var_list]
+            self._passes = self.add_variable((), initializer="zeros", dtype="int64",
+                                             name="hvd_backward_passes")
 
     @property
     def variables(self):
         return self._variables + self.inner_optimizer.variables
 
-    def apply(self, grads, trainable_variables=None):
-        self.apply_averaged(distributed.allreduce_mean(list(grads)), trainable_variables)
+    def _reduce(self, grads):
+        return distributed.allreduce_list(grads, op=self.op, predivide=self.gradient_predivide_factor,
+                                          fp16=self.compression == "fp16")
 
-    def apply_averaged(self, grads, trainable_variables=None):
-        """Apply gradients that are already averaged over all workers."""
+    def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if self.backward_passes_per_step == 1:
+            return self.apply_averaged(self._reduce(grads), trainable_variables)
+        import tensorflow as tf
+
+        self._ensure_built(trainable_variables)
+        n = self.backward_passes_per_step
+        for acc, g in zip(self._accumulators, grads):
+            if g is not None:
+                acc.assign_add(tf.convert_to_tensor(g))
+        self._passes.assign_add(1)
+
+        def communicate_and_apply():
+            total = [tf.convert_to_tensor(a) / n if self.average_aggregated_gradients
+                     else tf.convert_to_tensor(a) for a in self._accumulators]
+            self.apply_averaged(self._reduce(total), trainable_variables)
+            for acc in self._accumulators:
+                acc.assign(tf.zeros_like(acc))
+            return tf.constant(True)
+
+        tf.cond(self._passes % n == 0, communicate_and_apply, lambda: tf.constant(False))
+
+    def _ensure_built(self, trainable_variables):
         if not self.built:
             if trainable_variables is None:
                 raise ValueError("Pass trainable_variables on the first call to build the optimizer.")
             self.build(list(trainable_variables))
             self.built = True
+
+    def apply_averaged(self, grads, trainable_variables=None):
+        """Apply gradients that are already averaged over all workers."""
+        self._ensure_built(trainable_variables)
         self.inner_optimizer.apply(list(grads), trainable_variables)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
@@ -100,6 +151,10 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         return {
             "name": self.name,
             "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "compression": self.compression, "op": self.op,
+            "gradient_predivide_factor": self.gradient_predivide_factor,
+            "backward_passes_per_step": self.backward_passes_per_step,
+            "average_aggregated_gradients": self.average_aggregated_gradients,
         }
 
     @classmethod
@@ -169,7 +224,10 @@ class GradAlign(DistributedOptimizer):
 
     def __init__(self, inner_optimizer, beta=None, micro_batches=1, beta_lr_ratio=None,
                  name=None, **kwargs):
-        super().__init__(inner_optimizer, name=name, **kwargs)
+        # GradAlign does its own two allreduces: none of DistributedOptimizer's
+        # communication options apply, so they are refused rather than ignored.
+        _reject_base_kwargs(type(self).__name__, kwargs)
+        super().__init__(inner_optimizer, name=name)
         if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
             raise TypeError(
                 "GradAlign does not support a LossScaleOptimizer inner optimizer: its two "
@@ -212,8 +270,8 @@ class GradAlign(DistributedOptimizer):
         )
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            beta=self.beta, beta_lr_ratio=self.beta_lr_ratio, micro_batches=self.micro_batches
-        )
-        return config
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "beta": self.beta, "beta_lr_ratio": self.beta_lr_ratio, "micro_batches": self.micro_batches,
+        }

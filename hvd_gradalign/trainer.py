@@ -23,6 +23,7 @@ import warnings
 import keras
 import tensorflow as tf
 
+from .callbacks import BroadcastInitialState
 from .optimizers import GradAlign
 from .steps import first_leaf, gradalign_step, micro_batch_error
 
@@ -172,11 +173,15 @@ def install() -> None:
         return stock_train_step(self, data)
 
     def fit(self, *args, **kwargs):
+        bound = fit_signature.bind_partial(self, *args, **kwargs).arguments
+        broadcasts = any(isinstance(c, BroadcastInitialState) for c in bound.get("callbacks") or ())
+        if not (_uses_horovod(self) or broadcasts):
+            return stock_fit(self, *args, **kwargs)
+        # Built before training begins, so that the initial broadcast has weights to send.
+        _build_from_input(self, bound.get("x"))
         if not _uses_horovod(self):
             return stock_fit(self, *args, **kwargs)
         _no_xla(self)
-        bound = fit_signature.bind_partial(self, *args, **kwargs).arguments
-        _build_from_input(self, bound.get("x"))
         if isinstance(self.optimizer, GradAlign):
             check_fit_input(bound.get("x"), bound.get("batch_size"), self.optimizer.micro_batches,
                             bound.get("validation_split") or 0.0)
