@@ -72,7 +72,7 @@ def cmd_status(args) -> int:
 def cmd_report(args) -> int:
     from sweeps.report import report
 
-    report(args.runs_dir, args.out)
+    report(args.runs_dir, args.out, args.at)
     return 0
 
 
@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     rep = sub.add_parser("report", help="results.csv, a Markdown table and plots")
     rep.add_argument("runs_dir")
     rep.add_argument("--out", help="where to write (default: RUNS_DIR)")
+    rep.add_argument("--at", choices=("final", "best_val"), default="final",
+                     help="which epoch of each run counts: the last, or the evaluated epoch "
+                          "with the best validation accuracy")
     args = p.parse_args(argv)
     from train.config import ConfigError
 

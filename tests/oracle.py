@@ -90,3 +90,53 @@ def train(grad_fn, params, x, y, global_batch, micro_batches_total, betas, optim
         variances.append(v)
         params = optimizer.step(params, h, None if lrs is None else lrs[t])
     return params, variances
+
+
+def federated_rounds(grad_fn, params, x, y, clients, sampled_per_round, cfg, rounds):
+    """Float64 NumPy re-implementation of FedAvg / FedGA / SCAFFOLD / FedProx rounds
+    (hvd_gradalign/federated.py's docstring; the papers' update rules), with the
+    clients' mini-batch order given by ``batches(client, round)``."""
+    params = [p.copy() for p in params]
+    c = [np.zeros_like(p) for p in params]
+    c_i = {}
+    velocity = [np.zeros_like(p) for p in params]
+    for r in range(rounds):
+        sampled = sampled_per_round[r]
+        n = {k: float(len(clients[k])) for k in sampled}
+        starts = {k: params for k in sampled}
+        if cfg["algorithm"] == "fedga":
+            g = {k: grad_fn(params, x[clients[k]], y[clients[k]])[1] for k in sampled}
+            g_bar = [sum(n[k] * g[k][i] for k in sampled) / sum(n.values()) for i in range(len(params))]
+            starts = {k: [p + cfg["beta"] * (gk - gb) for p, gk, gb in zip(params, g[k], g_bar)]
+                      for k in sampled}
+        models, dcs = {}, {}
+        for k in sampled:
+            yk = [w.copy() for w in starts[k]]
+            ck = c_i.get(k, [np.zeros_like(p) for p in params])
+            for batch in cfg["batches"](k, r):
+                grads = grad_fn(yk, x[batch], y[batch])[1]
+                for i in range(len(yk)):
+                    step = grads[i] + cfg.get("weight_decay", 0.0) * yk[i]
+                    if cfg["algorithm"] == "fedprox":
+                        step = step + cfg["mu"] * (yk[i] - params[i])
+                    if cfg["algorithm"] == "scaffold":
+                        step = step - ck[i] + c[i]
+                    yk[i] = yk[i] - cfg["local_lr"] * step
+            models[k] = yk
+            if cfg["algorithm"] == "scaffold":
+                new = [ck[i] - c[i] + (params[i] - yk[i]) / (cfg["local_steps"] * cfg["local_lr"])
+                       for i in range(len(params))]
+                dcs[k] = [a - b for a, b in zip(new, ck)]
+                c_i[k] = new
+        if cfg["algorithm"] == "scaffold":
+            x_bar = [np.mean([models[k][i] for k in sampled], axis=0) for i in range(len(params))]
+            dc = [np.mean([dcs[k][i] for k in sampled], axis=0) for i in range(len(params))]
+            c = [ci + len(sampled) / len(clients) * d for ci, d in zip(c, dc)]
+        else:
+            x_bar = [sum(n[k] * models[k][i] for k in sampled) / sum(n.values()) for i in range(len(params))]
+        delta = [p - xb for p, xb in zip(params, x_bar)]
+        if cfg.get("server_momentum"):
+            velocity = [cfg["server_momentum"] * v + d for v, d in zip(velocity, delta)]
+            delta = velocity
+        params = [p - cfg.get("server_lr", 1.0) * d for p, d in zip(params, delta)]
+    return params, c_i

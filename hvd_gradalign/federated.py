@@ -1,0 +1,305 @@
+"""Federated rounds on Horovod: FedAvg, FedGA, SCAFFOLD, FedProx (library core).
+
+Clients are virtual: client c lives on worker c % size, so the same run on 1, 2
+or N workers samples the same clients and computes the same round up to float
+rounding. A round's participants are drawn from (seed, round) alone, the same on
+every worker without communication. A worker with no participant in a round
+still joins every allreduce (with zeros).
+
+Every algorithm is one function of explicit state, in the manner of optax:
+``run_round(state, ...) -> state``; ``FederatedState`` holds the global weights,
+the server optimizer's momentum, and SCAFFOLD's control variates (the server's c
+and each client's c_i, which persist across rounds and belong in checkpoints).
+
+Local training is plain SGD on the client's mini-batches (``local_steps`` of
+them, cycling through the client's data in a per-(seed, round, client) order)
+with optional weight decay, written out here rather than through a Keras
+optimizer so that the correction terms of SCAFFOLD and FedProx enter the
+gradient exactly as their papers define them:
+
+- FedAvg:   y ← y − η (∇f_i(y) + λ y)
+- FedProx:  y ← y − η (∇f_i(y) + λ y + μ (y − x))            (Li et al. 2020)
+- SCAFFOLD: y ← y − η (∇f_i(y) + λ y − c_i + c); after K steps
+            c_i⁺ = c_i − c + (x − y_i) / (K η)   (option II, Karimireddy et al. 2020);
+            c ← c + (|S|/N) · mean_S (c_i⁺ − c_i)
+- FedGA:    g_i = ∇f_i(x) on the client's data (or its first ``grad_samples``),
+            ḡ = n-weighted mean over the participants (one allreduce), and the
+            client starts from y_i = x + β (g_i − ḡ) (Dandi et al. 2022, Fig. 1).
+
+The new global weights are the n_i-weighted mean x̄ of the participants' models
+(SCAFFOLD: the plain mean, as its paper); a server step then moves x along
+Δ = x − x̄ with ``server_lr`` and ``server_momentum`` (1 and 0: x ← x̄).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from . import distributed
+
+ALGORITHMS = ("fedavg", "fedga", "scaffold", "fedprox")
+
+
+# ---- data splits ---------------------------------------------------------------
+
+def split_iid(labels, clients: int, seed: int) -> list[np.ndarray]:
+    """Uniform random equal shards (the remainder of n / clients is dropped)."""
+    n = len(labels)
+    order = np.random.default_rng(seed).permutation(n)
+    per = n // clients
+    return _check_split([np.sort(order[i * per:(i + 1) * per]) for i in range(clients)], n)
+
+
+def split_label_shards(labels, clients: int, seed: int, iid_fraction: float = 0.0) -> list[np.ndarray]:
+    """The reference code's non-IID split: a fraction ``iid_fraction`` of the data is
+    spread i.i.d.; the rest is sorted by label and cut into equal contiguous shards,
+    one per client (as many clients as classes and iid_fraction 0: one class each)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    n_iid = int(round(iid_fraction * len(labels)))
+    iid, rest = order[:n_iid], order[n_iid:]
+    rest = rest[np.argsort(labels[rest], kind="stable")]
+    per_iid, per_rest = len(iid) // clients, len(rest) // clients
+    parts = [np.sort(np.concatenate([iid[i * per_iid:(i + 1) * per_iid],
+                                     rest[i * per_rest:(i + 1) * per_rest]])) for i in range(clients)]
+    return _check_split(parts, len(labels))
+
+
+def split_dirichlet(labels, clients: int, seed: int, alpha: float) -> list[np.ndarray]:
+    """Per class, client proportions drawn from Dirichlet(alpha) (Hsu et al. 2019)."""
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    parts = [[] for _ in range(clients)]
+    for k in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        cuts = (np.cumsum(rng.dirichlet([alpha] * clients))[:-1] * len(idx)).astype(int)
+        for c, chunk in enumerate(np.split(idx, cuts)):
+            parts[c].extend(chunk.tolist())
+    return _check_split([np.sort(np.array(p, dtype=np.int64)) for p in parts], len(labels))
+
+
+def _check_split(parts, n):
+    empty = [c for c, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"the split leaves client(s) {empty[:10]} without data ({n} samples, "
+                         f"{len(parts)} clients); use fewer clients, more data or a larger alpha")
+    return parts
+
+
+# ---- rounds --------------------------------------------------------------------
+
+def sample_clients(round_index: int, clients: int, per_round: int, seed: int) -> np.ndarray:
+    """The round's participants, without replacement, the same on every worker."""
+    if not 1 <= per_round <= clients:
+        raise ValueError(f"clients_per_round={per_round} must be between 1 and clients={clients}")
+    return np.sort(np.random.default_rng([seed, round_index]).choice(clients, per_round, replace=False))
+
+
+def owner(client: int, workers: int) -> int:
+    return client % workers
+
+
+@dataclass
+class FederatedConfig:
+    algorithm: str = "fedavg"
+    local_steps: int = 10          # K
+    local_batch: int = 32
+    local_lr: float = 0.05         # η
+    weight_decay: float = 0.0      # λ, inside every local step
+    beta: float = 0.0              # FedGA
+    grad_samples: int = 0          # FedGA: samples of g_i (0 = all the client's data)
+    mu: float = 0.0                # FedProx
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    clients_per_round: int = 10
+    seed: int = 0
+
+    def check(self, clients: int):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
+        for name in ("local_steps", "local_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("local_lr", "server_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "beta", "mu", "server_momentum", "grad_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.clients_per_round <= clients:
+            raise ValueError(f"clients_per_round={self.clients_per_round} must be between 1 and "
+                             f"the number of clients ({clients})")
+
+
+@dataclass
+class FederatedState:
+    weights: list                     # global x (numpy arrays)
+    round: int = 0
+    server_velocity: list | None = None
+    c: list | None = None             # SCAFFOLD server control variate
+    c_clients: dict = field(default_factory=dict)   # SCAFFOLD c_i of this worker's clients
+
+    def to_arrays(self) -> dict:
+        """Flat numpy arrays for a checkpoint (this worker's c_i included)."""
+        out = {f"w{i}": w for i, w in enumerate(self.weights)}
+        out["round"] = np.array(self.round)
+        for name, values in (("v", self.server_velocity), ("c", self.c)):
+            for i, v in enumerate(values or ()):
+                out[f"{name}{i}"] = v
+        for client, cs in self.c_clients.items():
+            for i, v in enumerate(cs):
+                out[f"ci{client}_{i}"] = v
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "FederatedState":
+        def listed(prefix):
+            keys = sorted((k for k in arrays if k[len(prefix):].isdigit() and k.startswith(prefix)),
+                          key=lambda k: int(k[len(prefix):]))
+            return [np.asarray(arrays[k]) for k in keys] or None
+
+        c_clients: dict = {}
+        for k in arrays:
+            if k.startswith("ci"):
+                client, i = k[2:].split("_")
+                c_clients.setdefault(int(client), {})[int(i)] = np.asarray(arrays[k])
+        return cls(weights=listed("w"), round=int(arrays["round"]), server_velocity=listed("v"),
+                   c=listed("c"), c_clients={c: [d[i] for i in sorted(d)] for c, d in c_clients.items()})
+
+
+class FederatedTrainer:
+    """Runs rounds of ``config.algorithm`` for a Keras ``model`` and ``loss_fn``
+    (``loss_fn(y_true, y_pred)``, mean over the batch) on client datasets given
+    as ``(x, y)`` arrays and a list of index arrays (one per client)."""
+
+    def __init__(self, model, loss_fn, x, y, client_indices, config: FederatedConfig):
+        config.check(len(client_indices))
+        self.model, self.loss_fn, self.config = model, loss_fn, config
+        self.x, self.y = x, y
+        self.clients = [np.asarray(c) for c in client_indices]
+        self.variables = list(model.trainable_variables)
+        self._grad = tf.function(self._grad_impl, reduce_retracing=True)
+
+    def initial_state(self) -> FederatedState:
+        """Root's weights on every worker (a broadcast), zero optimizer/control state."""
+        weights = [np.asarray(w) for w in distributed.broadcast_values(self.variables, 0)]
+        zeros = [np.zeros_like(w) for w in weights]
+        state = FederatedState(weights=weights)
+        if self.config.server_momentum:
+            state.server_velocity = [z.copy() for z in zeros]
+        if self.config.algorithm == "scaffold":
+            state.c = [z.copy() for z in zeros]
+        return state
+
+    # -- one client --------------------------------------------------------------
+    def _grad_impl(self, x, y):
+        with tf.GradientTape() as tape:
+            loss = self.loss_fn(y, self.model(x, training=True))
+        return loss, tape.gradient(loss, self.variables)
+
+    def _gradient_at(self, weights, idx):
+        self._assign(weights)
+        _, grads = self._grad(self.x[idx], self.y[idx])
+        return [g.numpy().astype(w.dtype) for g, w in zip(grads, weights)]
+
+    def _assign(self, weights):
+        for v, w in zip(self.variables, weights):
+            v.assign(w)
+
+    def _batches(self, client, round_index):
+        idx = self.clients[client]
+        rng = np.random.default_rng([self.config.seed, round_index, client])
+        b = min(self.config.local_batch, len(idx))
+        order = rng.permutation(idx)
+        for k in range(self.config.local_steps):
+            start = (k * b) % len(order)
+            if start + b > len(order):  # a new pass over the client's data
+                order = rng.permutation(idx)
+                start = 0
+            yield order[start:start + b]
+
+    def _local_train(self, client, start, x_global, round_index, correction=None):
+        cfg = self.config
+        y = [w.copy() for w in start]
+        for batch in self._batches(client, round_index):
+            g = self._gradient_at(y, batch)
+            for i in range(len(y)):
+                step = g[i] + cfg.weight_decay * y[i]
+                if cfg.algorithm == "fedprox":
+                    step = step + cfg.mu * (y[i] - x_global[i])
+                if correction is not None:
+                    step = step + correction[i]
+                y[i] = y[i] - cfg.local_lr * step
+        return y
+
+    # -- a round -------------------------------------------------------------------
+    def run_round(self, state: FederatedState) -> tuple[FederatedState, dict]:
+        cfg, workers, me = self.config, distributed.size(), distributed.rank()
+        x = state.weights
+        sampled = sample_clients(state.round, len(self.clients), cfg.clients_per_round, cfg.seed)
+        mine = [c for c in sampled if owner(c, workers) == me]
+        n = {c: float(len(self.clients[c])) for c in sampled}
+        metrics = {}
+
+        starts = {c: x for c in mine}
+        if cfg.algorithm == "fedga":
+            grads = {}
+            for c in mine:
+                idx = self.clients[c][:cfg.grad_samples] if cfg.grad_samples else self.clients[c]
+                grads[c] = self._gradient_at(x, idx)
+            g_bar = self._weighted_mean({c: grads[c] for c in mine}, n, like=x)
+            for c in mine:
+                starts[c] = [w + cfg.beta * (g - gb) for w, g, gb in zip(x, grads[c], g_bar)]
+            # V = weighted mean over participants of ‖g_i − ḡ‖² (the quantity FedGA acts on)
+            local_v = sum(n[c] * sum(float(np.sum((g - gb) ** 2)) for g, gb in zip(grads[c], g_bar))
+                          for c in mine)
+            metrics["grad_variance"] = distributed.allreduce_list(
+                [tf.constant(local_v, tf.float64)], op="sum")[0].numpy() / sum(n.values())
+
+        models, c_delta = {}, {}
+        for c in mine:
+            correction = None
+            if cfg.algorithm == "scaffold":
+                ci = state.c_clients.get(c) or [np.zeros_like(w) for w in x]
+                correction = [cc - ci_ for cc, ci_ in zip(state.c, ci)]
+            models[c] = self._local_train(c, starts[c], x, state.round, correction)
+            if cfg.algorithm == "scaffold":
+                new_ci = [ci_ - cc + (xw - yw) / (cfg.local_steps * cfg.local_lr)
+                          for ci_, cc, xw, yw in zip(ci, state.c, x, models[c])]
+                c_delta[c] = [a - b for a, b in zip(new_ci, ci)]
+                state.c_clients[c] = new_ci
+
+        if cfg.algorithm == "scaffold":  # the paper's plain means over S
+            ones = {c: 1.0 for c in sampled}
+            x_bar = self._weighted_mean(models, ones, like=x)
+            dc = self._weighted_mean(c_delta, ones, like=x)
+            state.c = [cc + len(sampled) / len(self.clients) * d for cc, d in zip(state.c, dc)]
+        else:
+            x_bar = self._weighted_mean(models, n, like=x)
+
+        delta = [xw - xb for xw, xb in zip(x, x_bar)]
+        if cfg.server_momentum:
+            state.server_velocity = [cfg.server_momentum * v + d for v, d in zip(state.server_velocity, delta)]
+            delta = state.server_velocity
+        state.weights = [xw - cfg.server_lr * d for xw, d in zip(x, delta)]
+        state.round += 1
+        self._assign(state.weights)
+        metrics["clients"] = len(sampled)
+        return state, metrics
+
+    def _weighted_mean(self, values: dict, weights: dict, like):
+        """Σ_i w_i v_i / Σ_i w_i over all workers' entries (one allreduce of sums);
+        a worker with no entry sends zeros."""
+        total = [np.zeros_like(w, dtype=np.float64) for w in like]
+        for c, v in values.items():
+            for i, t in enumerate(v):
+                total[i] += weights[c] * t
+        reduced = distributed.allreduce_list([tf.constant(t) for t in total], op="sum")
+        denom = sum(weights.values())
+        return [(r.numpy() / denom).astype(w.dtype) for r, w in zip(reduced, like)]

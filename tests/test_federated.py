@@ -1,0 +1,130 @@
+"""Federated rounds (FedAvg, FedGA, SCAFFOLD, FedProx) against a float64 NumPy oracle."""
+
+import numpy as np
+import pytest
+
+from hvd_gradalign import federated
+from tests import federated_scenarios as fs
+from tests import oracle as ref
+from tests.conftest import horovodrun
+
+
+def _close(a, b, atol=1e-7):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(u, v, rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def one_worker(hvd):
+    return {name: fs.run(name) for name in fs.SCENARIOS}
+
+
+@pytest.mark.parametrize("name", list(fs.SCENARIOS))
+def test_one_worker_matches_oracle(one_worker, name):
+    expected, _ = fs.oracle(name)
+    _close(one_worker[name][0].weights, expected)
+
+
+def test_scaffold_control_variates_persist_and_match(one_worker):
+    state, _ = one_worker["scaffold"]
+    _, c_i = fs.oracle("scaffold")
+    assert sorted(state.c_clients) == sorted(c_i)  # every client sampled in either round
+    for k in c_i:
+        _close(state.c_clients[k], c_i[k])
+    assert any(np.abs(v).max() > 1e-3 for v in state.c)
+
+
+def test_zero_strength_is_fedavg(one_worker):
+    base = one_worker["fedavg"][0].weights
+    for name in ("fedga_beta0", "fedprox_mu0"):
+        _close(one_worker[name][0].weights, base, atol=0)
+    for name in ("fedga", "fedprox", "scaffold"):
+        assert max(np.abs(a - b).max() for a, b in zip(one_worker[name][0].weights, base)) > 1e-4
+
+
+def test_fedga_with_one_full_batch_step_is_gradalign(hvd):
+    """K = 1 on each client's whole data, all clients, equal sizes: GradAlign with one
+    micro-batch per client."""
+    import keras
+
+    from tests.scenarios import build_model, initial_params
+
+    x, y = fs.data()
+    clients = federated.split_iid(y, 6, seed=0)
+    cfg = federated.FederatedConfig(algorithm="fedga", local_steps=1, local_batch=len(clients[0]),
+                                    local_lr=0.3, beta=0.4, clients_per_round=6)
+    trainer = federated.FederatedTrainer(build_model("softmax", initial_params("softmax")),
+                                         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                                         x, y, clients, cfg)
+    state, _ = trainer.run_round(trainer.initial_state())
+    params = initial_params("softmax")
+    h, _, _ = ref.gradalign_direction(ref.softmax_regression_grad, params,
+                                      [(x[c], y[c]) for c in clients], 0.4)
+    _close(state.weights, [p - 0.3 * g for p, g in zip(params, h)])
+
+
+def test_resume_from_state_equals_uninterrupted(hvd, tmp_path):
+    straight, _ = fs.run("scaffold")
+    # one round, through the checkpoint arrays, then the second round
+    import keras
+
+    from tests.scenarios import build_model, initial_params
+
+    x, y = fs.data()
+    cfg = federated.FederatedConfig(clients_per_round=fs.PER_ROUND, seed=5, **fs.SCENARIOS["scaffold"])
+    make = lambda: federated.FederatedTrainer(  # noqa: E731
+        build_model("softmax", initial_params("softmax")),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True), x, y, fs.split(), cfg)
+    state, _ = make().run_round(make().initial_state())
+    np.savez(tmp_path / "state.npz", **state.to_arrays())
+    restored = federated.FederatedState.from_arrays(dict(np.load(tmp_path / "state.npz")))
+    resumed, _ = make().run_round(restored)
+    _close(resumed.weights, straight.weights, atol=0)
+    assert resumed.round == 2
+
+
+def test_splits():
+    y = np.repeat(np.arange(4), 25)
+    shards = federated.split_label_shards(y, 4, seed=0)
+    assert [len(np.unique(y[s])) for s in shards] == [1, 1, 1, 1]
+    mixed = federated.split_label_shards(y, 4, seed=0, iid_fraction=0.5)
+    assert all(len(np.unique(y[s])) > 1 for s in mixed)
+    iid = federated.split_iid(y, 3, seed=1)
+    assert [len(s) for s in iid] == [33, 33, 33]
+    assert len(np.unique(np.concatenate(iid))) == 99
+    d1, d2 = federated.split_dirichlet(y, 5, 0, 0.1), federated.split_dirichlet(y, 5, 0, 0.1)
+    assert all(np.array_equal(a, b) for a, b in zip(d1, d2))
+    assert sum(len(s) for s in d1) == 100
+
+
+def test_sampling_is_the_same_everywhere_and_without_replacement():
+    a = federated.sample_clients(3, 47, 10, seed=1)
+    assert np.array_equal(a, federated.sample_clients(3, 47, 10, seed=1)) and len(set(a)) == 10
+    assert not np.array_equal(a, federated.sample_clients(4, 47, 10, seed=1))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda y: federated.sample_clients(0, 5, 6, 0), "between 1 and clients=5"),
+    (lambda y: federated.split_dirichlet(y, 40, 0, 0.01), "without data"),
+    (lambda y: federated.split_label_shards(y, 200, 0), "without data"),
+    (lambda y: federated.FederatedConfig(local_steps=0).check(5), "local_steps must be >= 1"),
+    (lambda y: federated.FederatedConfig(clients_per_round=9).check(5), "clients_per_round=9"),
+    (lambda y: federated.FederatedConfig(algorithm="fedsgd").check(5), "choose one of"),
+])
+def test_bad_inputs_are_clear_errors(call, match):
+    y = np.repeat(np.arange(4), 25)
+    with pytest.raises(ValueError, match=match):
+        call(y)
+
+
+@pytest.mark.horovod
+def test_two_workers_equal_one_worker_and_the_oracle(tmp_path, one_worker):
+    horovodrun(2, ["tests/federated_worker.py", tmp_path])
+    for rank in (0, 1):
+        result = np.load(tmp_path / f"rank{rank}.npz")
+        assert int(result["size"]) == 2
+        for name in fs.SCENARIOS:
+            weights = [result[f"{name}/w{i}"] for i in range(2)]
+            _close(weights, one_worker[name][0].weights, atol=1e-10)
+            _close(weights, fs.oracle(name)[0])
