@@ -300,3 +300,29 @@ def make_pipelines(name, data_dir, *, rank, size, global_batch, seed, train_samp
     n_test = min(test_samples, info.num_test) if test_samples else info.num_test
     return Pipelines(train_stream, steps, validation, eval_split("test", 0, n_test),
                      eval_split("train", 0, n_train), info, per_worker * size)
+
+
+def load_arrays(name, data_dir, *, validation_samples=0, train_samples=0, test_samples=0):
+    """Whole splits as float arrays in memory (every worker holds all of them): what
+    federated training needs, where clients, not workers, own the samples.
+    Returns (info, (x_train, y_train), validation or None, (x_test, y_test))."""
+    builder = get_builder(name, data_dir)
+    info = dataset_info(builder)
+    n_train = info.num_train - validation_samples
+    if n_train <= 0:
+        raise ValueError(f"validation_samples={validation_samples} leaves no training data")
+    if train_samples:
+        if train_samples > n_train:
+            raise ValueError(f"train_samples={train_samples} exceeds the {n_train} training samples "
+                             f"available in {name}")
+        n_train = train_samples
+    n_test = min(test_samples, info.num_test) if test_samples else info.num_test
+
+    def arrays(split, start, stop):
+        ds = _split_range(builder, split, start, stop).map(_decode).batch(stop - start)
+        x, y = next(iter(ds))
+        return x.numpy(), y.numpy()
+
+    validation = (arrays("train", info.num_train - validation_samples, info.num_train)
+                  if validation_samples else None)
+    return info, arrays("train", 0, n_train), validation, arrays("test", 0, n_test)

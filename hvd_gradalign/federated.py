@@ -119,6 +119,7 @@ class FederatedConfig:
     server_momentum: float = 0.0
     clients_per_round: int = 10
     seed: int = 0
+    log_variance: bool = True      # V over the participants' gradients at x (costs a pass)
 
     def check(self, clients: int):
         if self.algorithm not in ALGORITHMS:
@@ -248,19 +249,22 @@ class FederatedTrainer:
         metrics = {}
 
         starts = {c: x for c in mine}
-        if cfg.algorithm == "fedga":
+        if cfg.algorithm == "fedga" or cfg.log_variance:
             grads = {}
             for c in mine:
                 idx = self.clients[c][:cfg.grad_samples] if cfg.grad_samples else self.clients[c]
                 grads[c] = self._gradient_at(x, idx)
             g_bar = self._weighted_mean({c: grads[c] for c in mine}, n, like=x)
-            for c in mine:
-                starts[c] = [w + cfg.beta * (g - gb) for w, g, gb in zip(x, grads[c], g_bar)]
-            # V = weighted mean over participants of ‖g_i − ḡ‖² (the quantity FedGA acts on)
+            if cfg.algorithm == "fedga":
+                for c in mine:
+                    starts[c] = [w + cfg.beta * (g - gb) for w, g, gb in zip(x, grads[c], g_bar)]
+            # V = n-weighted mean over participants of ‖g_i − ḡ‖² (what FedGA acts on)
             local_v = sum(n[c] * sum(float(np.sum((g - gb) ** 2)) for g, gb in zip(grads[c], g_bar))
                           for c in mine)
-            metrics["grad_variance"] = distributed.allreduce_list(
-                [tf.constant(local_v, tf.float64)], op="sum")[0].numpy() / sum(n.values())
+            total_v = distributed.allreduce_list([tf.constant(local_v, tf.float64)], op="sum")[0]
+            metrics["grad_variance"] = float(total_v.numpy()) / sum(n.values())
+            g_bar_sq = sum(float(np.sum(gb.astype(np.float64) ** 2)) for gb in g_bar)
+            metrics["grad_variance_ratio"] = metrics["grad_variance"] / g_bar_sq if g_bar_sq else 0.0
 
         models, c_delta = {}, {}
         for c in mine:

@@ -128,3 +128,96 @@ def test_two_workers_equal_one_worker_and_the_oracle(tmp_path, one_worker):
             weights = [result[f"{name}/w{i}"] for i in range(2)]
             _close(weights, one_worker[name][0].weights, atol=1e-10)
             _close(weights, fs.oracle(name)[0])
+
+
+# ---- the training entry point -------------------------------------------------
+
+FED = ["--config", "train/configs/fashion_mnist_fedga.toml", "--model", "mlp", "--train-samples", "1200",
+       "--validation-samples", "0", "--test-samples", "300", "--clients", "6", "--clients-per-round", "3",
+       "--local-steps", "2", "--local-batch", "20", "--eval-rounds", "1", "--checkpoint-every", "1",
+       "--verbose", "0"]
+
+
+def _train(run_dir, *args, timeout=300):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from train.launch import subprocess_env
+
+    return subprocess.run([sys.executable, "-m", "train", *FED, "--run-dir", str(run_dir), *args],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _final_weights(run_dir):
+    import json
+
+    root = run_dir / "checkpoints"
+    name = (root / "LATEST").read_text().strip()
+    arrays = dict(np.load(root / name / "state-rank0.npz"))
+    n = sum(k.startswith("w") and k[1:].isdigit() for k in arrays)
+    return [arrays[f"w{i}"] for i in range(n)], json.loads((root / name / "meta.json").read_text())
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold", "fedprox", "fedga"])
+def test_entry_point_runs_each_algorithm(tmp_path, algorithm):
+    import json
+
+    proc = _train(tmp_path / algorithm, "--algorithm", algorithm, "--rounds", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / algorithm / "metrics.json").read_text())
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[-1]["communications"] == (4 if algorithm == "fedga" else 2)
+    for key in ("test_accuracy", "train_loss", "grad_variance", "round_time", "wall_time"):
+        assert key in rows[-1], key
+    again = _train(tmp_path / algorithm, "--algorithm", algorithm, "--rounds", "2")
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_entry_point_sigterm_resume_equals_uninterrupted(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from train.launch import subprocess_env
+
+    args = ["--algorithm", "scaffold", "--rounds", "8"]
+    assert _train(tmp_path / "straight", *args).returncode == 0
+    run_dir = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "train", *FED, "--run-dir", str(run_dir), *args],
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "metrics.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    _, meta = _final_weights(run_dir)
+    assert 1 <= meta["round"] < 8
+    resumed = _train(run_dir, *args)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-3000:]
+    a, _ = _final_weights(tmp_path / "straight")
+    b, meta = _final_weights(run_dir)
+    assert meta["round"] == 8
+    _close(a, b, atol=1e-6)
+
+
+@pytest.mark.horovod
+def test_entry_point_two_workers_equal_one(tmp_path):
+    args = ["--algorithm", "fedga", "--rounds", "2"]
+    assert _train(tmp_path / "one", *args).returncode == 0
+    horovodrun(2, ["-m", "train", *FED, "--run-dir", tmp_path / "two", *args])
+    a, _ = _final_weights(tmp_path / "one")
+    b, meta = _final_weights(tmp_path / "two")
+    assert meta["workers"] == 2
+    _close(a, b, atol=1e-5)
+
+
+def test_entry_point_bad_federated_config_is_an_early_error(tmp_path):
+    proc = _train(tmp_path / "bad", "--clients-per-round", "9")
+    assert proc.returncode == 2 and "clients_per_round = 9 is more than federated.clients = 6" in proc.stderr
+    assert not (tmp_path / "bad" / "config.json").exists()

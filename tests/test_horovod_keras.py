@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import hvd_gradalign as hga
 import hvd_gradalign.keras as hvdk

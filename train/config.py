@@ -13,6 +13,7 @@ import tomllib
 import math
 from pathlib import Path
 
+from hvd_gradalign.federated import ALGORITHMS
 from hvd_gradalign.models import MODELS, NORMS
 from hvd_gradalign.optimizers import INNER_OPTIMIZERS
 from hvd_gradalign.schedules import DECAYS, SCALING_RULES
@@ -50,6 +51,22 @@ DEFAULTS = {
         "micro_batch_size": 0,        # >0: micro-batches of this many samples instead
         "log_alignment": True,        # sgd: report V (micro-batched first pass, no second)
     },
+    "federated": {                    # algorithm != "none": federated rounds instead of epochs
+        "algorithm": "none",          # none | fedavg | fedga | scaffold | fedprox
+        "clients": 20,
+        "clients_per_round": 10,
+        "rounds": 100,
+        "local_steps": 10,            # K local SGD steps (lr = optim.lr, wd = optim.weight_decay)
+        "local_batch": 32,
+        "grad_samples": 0,            # fedga: samples for g_i (0 = all the client's data); β = optim.beta
+        "mu": 0.01,                   # fedprox
+        "split": "shards",            # iid | shards (label-sorted, reference code) | dirichlet
+        "iid_fraction": 0.0,          # shards: part of the data spread i.i.d. first
+        "alpha": 0.1,                 # dirichlet concentration
+        "server_lr": 1.0,
+        "server_momentum": 0.0,
+        "eval_rounds": 1,             # evaluate test (and validation) every N rounds
+    },
     "train": {
         "batch_size": 512,            # GLOBAL batch
         "epochs": 5,
@@ -71,6 +88,8 @@ CHOICES = {
     "lr_scaling": SCALING_RULES,
     "decay": DECAYS,
     "norm": ("default",) + NORMS,
+    "algorithm": ("none",) + ALGORITHMS,
+    "split": ("iid", "shards", "dirichlet"),
     "verbose": (0, 1, 2),
 }
 
@@ -190,6 +209,19 @@ def validate(config: dict) -> dict:
             raise ConfigError(f"data.{name} must be >= 0, got {d[name]}")
     if t["checkpoint_every"] < 0:
         raise ConfigError("train.checkpoint_every must be >= 0 (0 = only at the end and on signals)")
+    f = config["federated"]
+    if f["algorithm"] != "none":
+        for name in ("clients", "clients_per_round", "rounds", "local_steps", "local_batch", "eval_rounds"):
+            if f[name] < 1:
+                raise ConfigError(f"federated.{name} must be >= 1, got {f[name]}")
+        if f["clients_per_round"] > f["clients"]:
+            raise ConfigError(f"federated.clients_per_round = {f['clients_per_round']} is more than "
+                              f"federated.clients = {f['clients']}")
+        if not 0.0 <= f["iid_fraction"] <= 1.0:
+            raise ConfigError(f"federated.iid_fraction must be in [0, 1], got {f['iid_fraction']}")
+        for name in ("mu", "alpha", "server_lr", "server_momentum", "grad_samples"):
+            if f[name] < 0:
+                raise ConfigError(f"federated.{name} must be >= 0, got {f[name]}")
     if o["decay"] == "step" and not o["decay_epochs"]:
         raise ConfigError("optim.decay = 'step' needs optim.decay_epochs, e.g. [30, 60]")
     return config
@@ -210,6 +242,8 @@ def micro_batches_per_worker(config: dict, workers: int) -> int:
 
 def check_batch_split(config: dict, workers: int) -> None:
     """The global batch must split into workers × micro-batches (say so before training)."""
+    if config["federated"]["algorithm"] != "none":
+        return  # rounds of clients, not global batches
     gb, m = config["train"]["batch_size"], micro_batches_per_worker(config, workers)
     uses_micro = config["optim"]["optimizer"] == "gradalign" or config["optim"]["log_alignment"]
     unit = workers * (m if uses_micro else 1)

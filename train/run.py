@@ -94,10 +94,16 @@ def run(config) -> int:
             raise ConfigError(f"{run_dir} holds a run that cannot be continued with this configuration: "
                               f"{conflict} ({config_path}); choose another --run-dir or delete that folder")
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        if summary.get("status") == "finished" and summary.get("epochs_done", 0) >= t["epochs"]:
+        federated = config["federated"]["algorithm"] != "none"
+        wanted = config["federated"]["rounds"] if federated else t["epochs"]
+        if summary.get("status") == "finished" and summary.get("epochs_done", 0) >= wanted:
             log(f"run already finished: {run_dir} (see {summary_path}); nothing to do")
             return EXIT_OK
     check_writable(run_dir)
+    if config["federated"]["algorithm"] != "none":
+        from train.federated_run import run_federated
+
+        return run_federated(config, run_dir, log)
 
     # Everything that can fail on the configuration happens before the run leaves
     # any trace: a corrected command may then use the same --run-dir.

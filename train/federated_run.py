@@ -1,0 +1,173 @@
+"""``python -m train`` with ``federated.algorithm`` set: rounds of virtual clients.
+
+The run directory is the same as for distributed training: config.json,
+metrics.csv/json (one row per round), summary.json and checkpoints. A checkpoint
+holds the global state and, per worker, its clients' SCAFFOLD control variates
+(``state-rank{R}.npz``); it is written every ``checkpoint_every`` rounds, at the
+end and on SIGTERM/SIGUSR1/SIGINT, and a re-run resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hvd_gradalign import checkpoint
+from train.exit_codes import EXIT_INTERRUPTED, EXIT_OK
+
+COMMUNICATIONS_PER_ROUND = {"fedavg": 1, "fedprox": 1, "scaffold": 1, "fedga": 2}
+
+
+def _split(config, labels, seed):
+    from hvd_gradalign import federated
+
+    f = config["federated"]
+    if f["split"] == "iid":
+        return federated.split_iid(labels, f["clients"], seed)
+    if f["split"] == "shards":
+        return federated.split_label_shards(labels, f["clients"], seed, f["iid_fraction"])
+    return federated.split_dirichlet(labels, f["clients"], seed, f["alpha"])
+
+
+def _save(run_dir: Path, state, rank: int, history: list, wall: float) -> None:
+    """Every worker writes its own state file into the same new checkpoint folder;
+    rank 0 names it in LATEST after a barrier, so LATEST only ever names a complete one."""
+    from hvd_gradalign import distributed
+
+    root = run_dir / "checkpoints"
+    name = f"round-{state.round:06d}"
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".state-rank{rank}.", suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **state.to_arrays())
+    os.replace(tmp, folder / f"state-rank{rank}.npz")
+    distributed.barrier()
+    if rank == 0:
+        checkpoint.write_text_atomic(folder / "meta.json", json.dumps(
+            {"round": state.round, "history": history, "wall_time": wall,
+             "workers": distributed.size()}))
+        checkpoint.write_text_atomic(root / "LATEST", name)
+        for old in sorted(p for p in root.glob("round-*") if p.is_dir())[:-2]:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+
+
+def _load(run_dir: Path, rank: int, workers: int):
+    from hvd_gradalign.federated import FederatedState
+
+    root = run_dir / "checkpoints"
+    try:
+        name = (root / "LATEST").read_text().strip()
+    except FileNotFoundError:
+        return None
+    meta = json.loads((root / name / "meta.json").read_text())
+    if meta["workers"] != workers:
+        raise ValueError(f"{root / name} was written by {meta['workers']} workers; resume it with "
+                         f"the same number (clients' control variates are kept per worker)")
+    state = FederatedState.from_arrays(dict(np.load(root / name / f"state-rank{rank}.npz")))
+    return state, meta
+
+
+def run_federated(config, run_dir: Path, log) -> int:
+    import keras
+
+    import hvd_gradalign as hga
+    from hvd_gradalign import distributed, federated
+    from hvd_gradalign.data import load_arrays
+    from hvd_gradalign.models import build_model
+    from train.recorder import write_metrics
+
+    f, o, t, d = config["federated"], config["optim"], config["train"], config["data"]
+    rank, workers = hga.rank(), hga.size()
+    info, (x, y), validation, (x_test, y_test) = load_arrays(
+        d["dataset"], d["data_dir"] or None, validation_samples=d["validation_samples"],
+        train_samples=d["train_samples"], test_samples=d["test_samples"])
+    clients = _split(config, y, t["seed"])
+    cfg = federated.FederatedConfig(
+        algorithm=f["algorithm"], local_steps=f["local_steps"], local_batch=f["local_batch"],
+        local_lr=o["lr"], weight_decay=o["weight_decay"], beta=o["beta"], grad_samples=f["grad_samples"],
+        mu=f["mu"], server_lr=f["server_lr"], server_momentum=f["server_momentum"],
+        clients_per_round=f["clients_per_round"], seed=t["seed"])
+    cfg.check(len(clients))
+    keras.utils.set_random_seed(t["seed"])
+    m = config["model"]
+    model = build_model(m["model"], info.input_shape, info.num_classes,
+                        norm=None if m["norm"] == "default" else m["norm"])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], jit_compile=False)
+    trainer = federated.FederatedTrainer(model, model.loss, x, y, clients, cfg)
+
+    resumed = _load(run_dir, rank, workers) if t["resume"] else None
+    if resumed is not None:
+        state, meta = resumed
+        history, wall_before = meta["history"], meta["wall_time"]
+        log(f"resuming {run_dir} at round {state.round}")
+    else:
+        state, history, wall_before = trainer.initial_state(), [], 0.0
+    if rank == 0:
+        checkpoint.write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1))
+    sizes = [len(c) for c in clients]
+    log(f"{info.name}: {len(y)} train samples in {len(clients)} clients ({f['split']}, "
+        f"{min(sizes)}-{max(sizes)} samples each), {f['clients_per_round']} per round, "
+        f"{f['algorithm']}, {workers} workers, run dir {run_dir}")
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        signal.signal(getattr(signal, name), on_signal)
+
+    started = time.perf_counter()
+    comms = COMMUNICATIONS_PER_ROUND[f["algorithm"]]
+    interrupted = False
+    while state.round < f["rounds"]:
+        t0 = time.perf_counter()
+        state, metrics = trainer.run_round(state)
+        row = {"round": state.round, "communications": state.round * comms, **metrics,
+               "round_time": time.perf_counter() - t0}
+        if state.round % f["eval_rounds"] == 0 or state.round == f["rounds"]:
+            # every worker evaluates the same global model: rank 0's numbers are everyone's
+            sets = {"test": (x_test, y_test), "val": validation,
+                    "train": (x[:10000], y[:10000])}
+            for prefix, data in sets.items():
+                if data is not None:
+                    res = model.evaluate(*data, batch_size=1000, verbose=0, return_dict=True)
+                    row.update({f"{prefix}_{k}": float(v) for k, v in res.items()})
+        row["wall_time"] = wall_before + time.perf_counter() - started
+        history.append(row)
+        if rank == 0:
+            write_metrics(run_dir, history)
+            if t["verbose"]:
+                log("round {round}: ".format(**row) + ", ".join(
+                    f"{k} {v:.4g}" for k, v in row.items() if k not in ("round",)))
+        flag = distributed.allreduce_mean_numpy([float(stop["signal"] is not None)])[0]
+        every = t["checkpoint_every"]
+        if flag > 0 or state.round == f["rounds"] or (every and state.round % every == 0):
+            _save(run_dir, state, rank, history, row["wall_time"])
+        if flag > 0:
+            interrupted = True
+            break
+
+    summary = {"status": "interrupted" if interrupted else "finished", "run_dir": str(run_dir),
+               "workers": workers, "algorithm": f["algorithm"], "rounds_done": state.round,
+               "epochs_done": state.round, "final": history[-1] if history else None}
+    if rank == 0:
+        checkpoint.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    distributed.barrier()
+    if interrupted:
+        log(f"stopped by {stop['signal'] or 'a signal on another worker'}; checkpoint saved after "
+            f"round {state.round}. Re-run the same command to resume.")
+        return EXIT_INTERRUPTED
+    log(f"finished: {run_dir}")
+    return EXIT_OK
