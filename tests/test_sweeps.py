@@ -327,3 +327,17 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_resumes(tmp_path, slur
     metrics = json.loads((point.run_dir / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics] == [1, 2, 3, 4, 5, 6]
     assert state.point_state(point.run_dir) == state.DONE
+
+
+def test_a_new_config_section_does_not_rename_existing_points():
+    """Run dirs and sweep points are named by a hash of the config: a distributed
+    run's identity must not change because the [federated] section now exists."""
+    import copy
+
+    from train.config import DEFAULTS
+
+    config = copy.deepcopy(DEFAULTS)
+    without = {s: v for s, v in config.items() if s != "federated"}
+    assert sweep_spec.point_id(config, 2) == sweep_spec.point_id(without, 2)
+    config["federated"]["algorithm"] = "fedavg"
+    assert sweep_spec.point_id(config, 2) != sweep_spec.point_id(without, 2)

@@ -101,9 +101,14 @@ RUN_NEUTRAL = {("train", "resume"), ("train", "verbose"), ("train", "checkpoint_
 
 
 def run_identity(config: dict, ignore=()) -> dict:
-    """The part of a config that decides what a run computes."""
+    """The part of a config that decides what a run computes.
+
+    Sections that do not take part leave no trace (a distributed run's [federated]
+    defaults), so that adding a section never renames existing runs and sweep points."""
     skip = RUN_NEUTRAL | set(ignore)
-    return {s: {k: v for k, v in keys.items() if (s, k) not in skip} for s, keys in config.items()}
+    federated = config.get("federated", {}).get("algorithm", "none") != "none"
+    return {s: {k: v for k, v in keys.items() if (s, k) not in skip} for s, keys in config.items()
+            if s != "federated" or federated}
 
 
 class ConfigError(ValueError):
