@@ -53,19 +53,26 @@ def split_iid(labels, clients: int, seed: int) -> list[np.ndarray]:
     return _check_split([np.sort(order[i * per:(i + 1) * per]) for i in range(clients)], n)
 
 
-def split_label_shards(labels, clients: int, seed: int, iid_fraction: float = 0.0) -> list[np.ndarray]:
+def split_label_shards(labels, clients: int, seed: int, iid_fraction: float = 0.0,
+                       shards_per_client: int = 1) -> list[np.ndarray]:
     """The reference code's non-IID split: a fraction ``iid_fraction`` of the data is
     spread i.i.d.; the rest is sorted by label and cut into equal contiguous shards,
-    one per client (as many clients as classes and iid_fraction 0: one class each)."""
+    ``shards_per_client`` of them per client (1, the reference code: one shard each, so
+    as many clients as classes gives one class per client; 2 with shards drawn at
+    random is McMahan et al.'s "2 classes per client")."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
     n_iid = int(round(iid_fraction * len(labels)))
     iid, rest = order[:n_iid], order[n_iid:]
     rest = rest[np.argsort(labels[rest], kind="stable")]
-    per_iid, per_rest = len(iid) // clients, len(rest) // clients
-    parts = [np.sort(np.concatenate([iid[i * per_iid:(i + 1) * per_iid],
-                                     rest[i * per_rest:(i + 1) * per_rest]])) for i in range(clients)]
+    shards = clients * shards_per_client
+    per_iid, per_shard = len(iid) // clients, len(rest) // shards
+    owner_of = (np.arange(shards) if shards_per_client == 1 else rng.permutation(shards)) % clients
+    parts = []
+    for i in range(clients):
+        mine = [rest[s * per_shard:(s + 1) * per_shard] for s in np.flatnonzero(owner_of == i)]
+        parts.append(np.sort(np.concatenate([iid[i * per_iid:(i + 1) * per_iid], *mine])))
     return _check_split(parts, len(labels))
 
 

@@ -297,6 +297,11 @@ def report(runs_dir, out=None, at="final") -> dict:
         raise FileNotFoundError(f"{runs_dir} is not a folder of sweep runs")
     out = Path(out) if out else runs_dir
     out.mkdir(parents=True, exist_ok=True)
+    from sweeps import federated_report
+
+    run_dirs = sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists())
+    if run_dirs and all(federated_report.is_federated(read_json(p / "config.json")) for p in run_dirs):
+        return federated_report.report(run_dirs, out, at)
     rows = collect(runs_dir, at)
     if not rows:
         raise FileNotFoundError(f"no runs (folders with config.json or point.toml) in {runs_dir}")

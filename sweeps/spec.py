@@ -151,8 +151,9 @@ def load(path, runs_root=None) -> Sweep:
             merge(config, sectioned(flat, "grid"), str(path))
             beta = params.get("beta", spec.get("fixed", {}).get("beta", config["optim"]["beta"]))
             beta = _beta(beta, config["optim"]["lr"], str(path))
-            if config["optim"]["optimizer"] != "gradalign":
-                beta = 0.0  # no β for the baseline: its β variants are one point
+            algorithm = config["federated"]["algorithm"]
+            if config["optim"]["optimizer"] != "gradalign" or algorithm not in ("none", "fedga"):
+                beta = 0.0  # no β for the baselines: their β variants are one point
             params["beta"] = beta
             merge(config, {"optim": {"beta": float(beta)}}, str(path))
             config["train"]["verbose"] = 2

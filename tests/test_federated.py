@@ -90,6 +90,9 @@ def test_splits():
     assert [len(np.unique(y[s])) for s in shards] == [1, 1, 1, 1]
     mixed = federated.split_label_shards(y, 4, seed=0, iid_fraction=0.5)
     assert all(len(np.unique(y[s])) > 1 for s in mixed)
+    two = federated.split_label_shards(y, 4, seed=0, shards_per_client=2)
+    assert all(1 <= len(np.unique(y[s])) <= 2 for s in two) and sum(len(s) for s in two) == 8 * 12
+    assert any(len(np.unique(y[s])) == 2 for s in two)
     iid = federated.split_iid(y, 3, seed=1)
     assert [len(s) for s in iid] == [33, 33, 33]
     assert len(np.unique(np.concatenate(iid))) == 99
@@ -221,3 +224,50 @@ def test_entry_point_bad_federated_config_is_an_early_error(tmp_path):
     proc = _train(tmp_path / "bad", "--clients-per-round", "9")
     assert proc.returncode == 2 and "clients_per_round = 9 is more than federated.clients = 6" in proc.stderr
     assert not (tmp_path / "bad" / "config.json").exists()
+
+
+def test_federated_sweep_runs_and_reports(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from train.launch import subprocess_env
+
+    spec = tmp_path / "fed.toml"
+    spec.write_text("""
+[sweep]
+name = "fed"
+base_config = "train/configs/fashion_mnist_fedga.toml"
+[fixed]
+model = "mlp"
+train_samples = 600
+validation_samples = 200
+test_samples = 200
+clients = 4
+clients_per_round = 2
+local_steps = 2
+local_batch = 20
+rounds = 2
+eval_rounds = 1
+verbose = 0
+[[grid]]
+algorithm = ["fedavg"]
+split = ["iid", "dirichlet"]
+[[grid]]
+algorithm = ["fedga"]
+split = ["iid", "dirichlet"]
+beta = [0.01, 0.05]
+""")
+    runs = tmp_path / "runs"
+    run = subprocess.run([sys.executable, "-m", "sweeps", "run", str(spec), "--runs-root", str(runs)],
+                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "6 points" in run.stdout and "6 done" in run.stdout
+    from sweeps.report import report
+
+    result = report(runs / "fed")
+    assert "| dirichlet(0.1) |" in result["table"] and "| iid |" in result["table"]
+    assert "beta=0.01" in result["table"] or "beta=0.05" in result["table"]
+    assert len(result["rows"]) == 6 and all(r["status"] == "done" for r in result["rows"])
+    for split in ("iid", "dirichlet_0_1_"):
+        assert (runs / "fed" / f"test_accuracy_vs_rounds_{split}.png").stat().st_size > 1000

@@ -62,6 +62,7 @@ DEFAULTS = {
         "mu": 0.01,                   # fedprox
         "split": "shards",            # iid | shards (label-sorted, reference code) | dirichlet
         "iid_fraction": 0.0,          # shards: part of the data spread i.i.d. first
+        "shards_per_client": 1,       # shards: label-sorted shards per client (2: ~2 classes each)
         "alpha": 0.1,                 # dirichlet concentration
         "server_lr": 1.0,
         "server_momentum": 0.0,
@@ -216,7 +217,8 @@ def validate(config: dict) -> dict:
         raise ConfigError("train.checkpoint_every must be >= 0 (0 = only at the end and on signals)")
     f = config["federated"]
     if f["algorithm"] != "none":
-        for name in ("clients", "clients_per_round", "rounds", "local_steps", "local_batch", "eval_rounds"):
+        for name in ("clients", "clients_per_round", "rounds", "local_steps", "local_batch", "eval_rounds",
+                     "shards_per_client"):
             if f[name] < 1:
                 raise ConfigError(f"federated.{name} must be >= 1, got {f[name]}")
         if f["clients_per_round"] > f["clients"]:

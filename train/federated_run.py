@@ -31,7 +31,8 @@ def _split(config, labels, seed):
     if f["split"] == "iid":
         return federated.split_iid(labels, f["clients"], seed)
     if f["split"] == "shards":
-        return federated.split_label_shards(labels, f["clients"], seed, f["iid_fraction"])
+        return federated.split_label_shards(labels, f["clients"], seed, f["iid_fraction"],
+                                            f["shards_per_client"])
     return federated.split_dirichlet(labels, f["clients"], seed, f["alpha"])
 
 

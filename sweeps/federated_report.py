@@ -1,0 +1,125 @@
+"""The report of a federated sweep: algorithm × client split, test accuracy at the
+final (or best-validation) evaluated round, the setting (lr, β, μ) chosen on
+validation accuracy over the seeds all settings share, and test accuracy against
+communication rounds."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
+from sweeps.report import _best_setting, _mean_std, _pick_epoch
+from sweeps.state import point_state, read_json
+
+COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
+           "round", "train_loss", "val_accuracy", "test_accuracy", "grad_variance", "wall_time"]
+SETTING_KEYS = ("lr", "beta", "mu")
+
+
+def is_federated(config) -> bool:
+    return config.get("federated", {}).get("algorithm", "none") != "none"
+
+
+def _split_name(f):
+    if f["split"] == "dirichlet":
+        return f"dirichlet({f['alpha']:g})"
+    if f["split"] == "shards":
+        return f"shards×{f.get('shards_per_client', 1)}"
+    return "iid"
+
+
+def collect(run_dirs, at="final"):
+    rows, curves = [], {}
+    for run_dir in run_dirs:
+        config = read_json(run_dir / "config.json")
+        if config is None or not is_federated(config):
+            continue
+        history = read_json(run_dir / "metrics.json") or []
+        summary = read_json(run_dir / "summary.json") or {}
+        f, o = config["federated"], config["optim"]
+        row = _pick_epoch(history, at)
+        rows.append({
+            "id": run_dir.name, "status": point_state(run_dir), "algorithm": f["algorithm"],
+            "split": _split_name(f), "lr": o["lr"],
+            "beta": o["beta"] if f["algorithm"] == "fedga" else 0.0,
+            "mu": f["mu"] if f["algorithm"] == "fedprox" else 0.0, "seed": config["train"]["seed"],
+            "rounds": f["rounds"], "rounds_done": summary.get("rounds_done", len(history)),
+            "round": row.get("round"), "train_loss": row.get("train_loss"),
+            "val_accuracy": row.get("val_accuracy"), "test_accuracy": row.get("test_accuracy"),
+            "grad_variance": row.get("grad_variance"),
+            "wall_time": history[-1].get("wall_time") if history else None,
+        })
+        curves[run_dir.name] = [(r["communications"], r["test_accuracy"]) for r in history
+                                if r.get("test_accuracy") is not None]
+    return rows, curves
+
+
+def report(run_dirs, out: Path, at="final") -> dict:
+    rows, curves = collect(run_dirs, at)
+    write_csv_atomic(out / "results.csv", rows, COLUMNS)
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["status"] == "done":
+            groups[(r["split"], r["algorithm"])][tuple(r[k] for k in SETTING_KEYS)].append(r)
+    chosen = {key: (best, settings[best]) for key, settings in groups.items()
+              for best in [_best_setting(settings, "val_accuracy", max)]}
+    splits = sorted({s for s, _ in chosen})
+    algorithms = sorted({a for _, a in chosen})
+    lines = ["| split | " + " | ".join(algorithms) + " |", "|---|" + "---|" * len(algorithms)]
+    for split in splits:
+        cells = []
+        for a in algorithms:
+            if (split, a) not in chosen:
+                cells.append("–")
+                continue
+            setting, seeds = chosen[(split, a)]
+            m, s = _mean_std([r["test_accuracy"] for r in seeds])
+            what = ", ".join(f"{k}={v:g}" for k, v in zip(SETTING_KEYS, setting) if v or k == "lr")
+            cells.append(f"{100 * m:.2f} ± {100 * s:.2f} ({what}, n={len(seeds)})" if m is not None else "–")
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    walls = [r["wall_time"] for r in rows if r["status"] == "done" and r["wall_time"]]
+    epoch = "final" if at == "final" else "best-validation"
+    lines += ["", f"Cells: test accuracy (%) at the {epoch} evaluated round, mean ± std over seeds; "
+              "the setting is chosen on validation accuracy."]
+    if walls:
+        lines.append(f"Wall time per run: median {statistics.median(walls):.0f} s; total "
+                     f"{sum(walls) / 3600:.2f} h over {len(walls)} runs.")
+    not_done = [r for r in rows if r["status"] != "done"]
+    if not_done:
+        lines.append(f"Not in the table: {len(not_done)} run(s) not finished; see results.csv.")
+    table = "\n".join(lines) + "\n"
+    write_text_atomic(out / "table.md", table)
+    files = _plots(chosen, curves, splits, out)
+    print(table)
+    return {"rows": rows, "chosen": chosen, "table": table, "plots": files}
+
+
+def _plots(chosen, curves, splits, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for split in splits:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (s, algorithm), (_, seeds) in sorted(chosen.items()):
+            if s != split:
+                continue
+            per_seed = [dict(curves[r["id"]]) for r in seeds]
+            xs = sorted(set.intersection(*(set(c) for c in per_seed)))
+            ys = [100 * statistics.fmean(c[x] for c in per_seed) for x in xs]
+            ax.plot(xs, ys, marker=".", label=f"{algorithm} (n={len(seeds)})")
+        ax.set_xlabel("communication rounds (FedGA: 2 per round)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"split: {split}")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        name = "test_accuracy_vs_rounds_" + "".join(ch if ch.isalnum() else "_" for ch in split) + ".png"
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        files.append(out / name)
+    return files
