@@ -72,7 +72,7 @@ class RunRecorder(keras.callbacks.Callback):
     mid-epoch and finished after resuming) and never checkpoints a diverged state."""
 
     def __init__(self, run_dir, guard: hga.StepGuard, history: list, every: int, epochs: int,
-                 steps_per_epoch: int, first_epoch_offset: int = 0):
+                 steps_per_epoch: int, resume_at=(0, 0)):
         super().__init__()
         self.run_dir = run_dir
         self.guard = guard
@@ -80,7 +80,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.every = every
         self.epochs = epochs
         self.steps = steps_per_epoch
-        self.offset = first_epoch_offset  # batches done before this fit in its first epoch
+        self.resume_at = resume_at  # (epoch, batches of it done before this session)
         self.rank0 = hga.rank() == 0
         self.last_saved = None
 
@@ -88,15 +88,8 @@ class RunRecorder(keras.callbacks.Callback):
         interrupted = self.guard.interrupted_at
         if interrupted is None or interrupted[0] != epoch:
             return self.steps
-        first = epoch == self.params_first_epoch
-        return interrupted[1] + (self.offset if first else 0)
-
-    def on_train_begin(self, logs=None):
-        self.params_first_epoch = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.params_first_epoch is None:
-            self.params_first_epoch = epoch
+        # Keras counts a resumed epoch's batches from 0: add those done before.
+        return interrupted[1] + (self.resume_at[1] if epoch == self.resume_at[0] else 0)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.diverged:

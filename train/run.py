@@ -80,6 +80,7 @@ def run(config) -> int:
     from hvd_gradalign.data import make_pipelines
     from train.config import ConfigError, check_batch_split, resume_conflict
     from train.recorder import EpochStats, Evaluation, RunRecorder, best_row
+    from train.resume import fit_remaining, restore
 
     hga.init()
     workers, rank = hga.size(), hga.rank()
@@ -114,45 +115,26 @@ def run(config) -> int:
         test_samples=d["test_samples"], augment=d["augment"])
     steps = pipes.steps_per_epoch
 
-    ckpt = checkpoint.latest(run_dir / "checkpoints", warn=log) if t["resume"] else None
     keras.utils.set_random_seed(t["seed"] * 1000 + rank)
-    if ckpt is not None:
-        model, state = checkpoint.load(ckpt)
-        start_epoch, start_step = state["epoch"], state["step"]
-        history, wall_before = state.get("history", []), state.get("wall_time", 0.0)
-        log(f"resuming {run_dir} from {ckpt.name} (epoch {start_epoch}, step {start_step})")
-    else:
-        model = build_compiled_model(config, pipes.info, steps, workers)
-        start_epoch, start_step, history, wall_before = 0, 0, [], 0.0
-    hga.wrap(model)
+    start = restore(run_dir, t["resume"], lambda: build_compiled_model(config, pipes.info, steps, workers), log)
+    hga.wrap(start.model)
     if rank == 0:
         checkpoint.write_text_atomic(config_path, json.dumps(config, indent=1))
 
     log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers} workers, global batch "
         f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
     guard = hga.StepGuard()
-    recorder = RunRecorder(run_dir, guard, history, t["checkpoint_every"], t["epochs"], steps, start_step)
+    recorder = RunRecorder(run_dir, guard, start.history, t["checkpoint_every"], t["epochs"], steps,
+                           resume_at=(start.epoch, start.step))
     evaluated = {"val": pipes.validation, "test": pipes.test,
                  "train_eval": pipes.train_eval if t["eval_train"] else None}
-    callbacks = [hga.BroadcastInitialState(), EpochStats(t["batch_size"], wall_before),
+    callbacks = [hga.BroadcastInitialState(), EpochStats(t["batch_size"], start.wall_time),
                  Evaluation(evaluated, t["eval_every"], t["epochs"]), hga.MetricAverage(), guard, recorder]
     if rank == 0:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")))
-    verbose = t["verbose"] if rank == 0 else 0
-
     t0 = time.perf_counter()
-    epoch = start_epoch
-    if start_step and epoch < t["epochs"]:
-        # Finish the epoch a signal cut short, on exactly the batches it had left.
-        model.fit(pipes.train_stream(epoch, start_step), epochs=epoch + 1, initial_epoch=epoch,
-                  steps_per_epoch=steps - start_step,
-                  callbacks=callbacks, verbose=verbose, shuffle=False)
-        epoch += 1
-        recorder.offset = 0
-    if epoch < t["epochs"] and not guard.stopped_early:
-        model.fit(pipes.train_stream(epoch), epochs=t["epochs"], initial_epoch=epoch,
-                  steps_per_epoch=steps,
-                  callbacks=callbacks, verbose=verbose, shuffle=False)
+    fit_remaining(start, pipes, t["epochs"], callbacks, t["verbose"] if rank == 0 else 0, guard)
+    history = start.history
 
     status = "diverged" if guard.diverged else "interrupted" if guard.interrupted_at else "finished"
     summary = {
