@@ -42,6 +42,18 @@ def _expand_nodelist(nodelist: str) -> list[str]:
     return out.split()
 
 
+def node_address(name: str) -> str:
+    """The address of node ``name``. Gloo itself resolves the node's host name, so a
+    name that does not resolve is an error here, where it can say what to do."""
+    import socket
+
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        raise RuntimeError(f"node {name!r} does not resolve to an address; Horovod's Gloo needs "
+                           "every node's host name in DNS or /etc/hosts on every node") from None
+
+
 def _gloo_iface(own_address: str, single_node: bool) -> str:
     if os.environ.get("HOROVOD_GLOO_IFACE"):
         return os.environ["HOROVOD_GLOO_IFACE"]
@@ -59,7 +71,6 @@ def _gloo_iface(own_address: str, single_node: bool) -> str:
 
 def bootstrap_gloo(timeout_s: float = 300.0):
     import json
-    import socket
     import time
     from pathlib import Path
 
@@ -84,7 +95,7 @@ def bootstrap_gloo(timeout_s: float = 300.0):
         _rendezvous_server = RendezvousServer()
         port = _rendezvous_server.start()
         _rendezvous_server.init(plan)
-        address = "127.0.0.1" if single_node else socket.gethostbyname(hosts[0])
+        address = "127.0.0.1" if single_node else node_address(hosts[0])
         tmp = published.with_suffix(".tmp")
         tmp.write_text(json.dumps({"address": address, "port": port}))
         os.replace(tmp, published)
@@ -101,7 +112,7 @@ def bootstrap_gloo(timeout_s: float = 300.0):
                                "that all nodes share")
         time.sleep(0.2)
     info = json.loads(published.read_text())
-    own = "127.0.0.1" if single_node else socket.gethostbyname(hosts[node])
+    own = "127.0.0.1" if single_node else node_address(hosts[node])
     local_rank = int(env.get("SLURM_LOCALID", "0"))
     env.update({
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": info["address"],
