@@ -30,6 +30,8 @@ def render(sweep, points, list_file: Path, log_dir: Path, python=sys.executable)
     extra = []
     if r.get("partition"):
         extra.append(f"#SBATCH --partition={r['partition']}")
+    if r.get("nodes"):
+        extra.append(f"#SBATCH --nodes={r['nodes']}")
     if r.get("gpus_per_task"):
         extra.append(f"#SBATCH --gpus-per-task={r['gpus_per_task']}")
     return Template(TEMPLATE.read_text()).substitute(

@@ -43,7 +43,7 @@ from train.config import (DEFAULTS, SECTION_OF, ConfigError, check_batch_split, 
 
 REPO = Path(__file__).resolve().parents[1]
 RESOURCE_DEFAULTS = {"cpus_per_task": 1, "gpus_per_task": 0, "time": "01:00:00",
-                     "max_concurrent": 4, "partition": "", "signal_seconds": 60}
+                     "max_concurrent": 4, "partition": "", "signal_seconds": 60, "nodes": 0}
 SWEEP_KEYS = {"name", "base_config", "workers", "runs_root"}
 _BETA_RULE = re.compile(r"^\s*lr\s*([*/])\s*([0-9.eE+-]+)\s*$")
 

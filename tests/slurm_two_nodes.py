@@ -115,8 +115,15 @@ class TwoNodeSlurm(LocalSlurm):
                     break
                 time.sleep(0.2)
         subprocess.run(["pkill", "-f", f"slurmstepd.*{self.dir}"], capture_output=True)
+        # A slurmd whose pid file is gone but which still runs keeps its namespace
+        # (and veth) alive: whatever runs with this cluster's config goes.
+        for daemon in ("slurmd", "slurmctld"):
+            subprocess.run(["pkill", "-9", "-f", f"{daemon} -f {self.conf}"], capture_output=True)
+        time.sleep(0.5)
         for name in NODES:
             _run("ip", "netns", "del", name, check=False)
+        for i in range(len(NODES)):
+            _run("ip", "link", "del", f"hgv7{i}", check=False)
         _run("ip", "link", "del", BRIDGE, check=False)
         if self.started_munge:
             subprocess.run(["pkill", "-x", "munged"], capture_output=True)

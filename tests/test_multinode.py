@@ -2,6 +2,7 @@
 (tests/slurm_two_nodes.py), srun starting the workers, Gloo over the nodes' eth0."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,8 +26,14 @@ def cluster(tmp_path_factory):
     except ClusterUnavailable as err:
         c.stop()
         pytest.skip(f"cannot run a two-node cluster here: {err}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(c.conf)  # squeue/scontrol called in-process (sweeps.slurm)
     yield c
     c.stop()
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
 
 
 def srun(cluster, nodes, per_node, argv, timeout=600):
@@ -92,3 +99,77 @@ def test_training_on_two_nodes_equals_four_workers_on_one(cluster, tmp_path):
     b, _ = checkpoint.load(checkpoint.latest(tmp_path / "one_node" / "checkpoints"))
     for x, y in zip(a.get_weights(), b.get_weights()):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+
+
+def test_sweep_points_span_two_nodes_and_a_preempted_point_resumes(cluster, tmp_path):
+    """Each point runs on 2 nodes ([resources] nodes = 2); USR1 (SLURM's warning before
+    the time limit) checkpoints one point, its array task requeues itself, and it
+    resumes, on whichever nodes the scheduler gives it."""
+    import time
+
+    from sweeps import slurm as slurm_launcher
+    from sweeps import spec as sweep_spec
+    from sweeps import state
+    from tests.test_sweeps import sweeps_cli, write_spec
+
+    path = write_spec(tmp_path, name="twonode", batches="[64]", optimizers='["sgd"]')
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 5")
+                    .replace("max_concurrent = 1", "max_concurrent = 1\nnodes = 2"))
+    runs = tmp_path / "runs"
+    (point,) = sweep_spec.load(path, runs).points
+    env = subprocess_env(cluster.env(), HVD_GRADALIGN_RENDEZVOUS_DIR=cluster.dir / "rendezvous")
+    submitted = sweeps_cli("run", path, "--launcher", "slurm", "--runs-root", runs, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.split("submitted job array ")[1].split()[0]
+    deadline = time.time() + 300
+    while not (point.run_dir / "metrics.json").exists():
+        assert time.time() < deadline, cluster.log_tail()
+        time.sleep(0.5)
+    nodes = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], env=env, capture_output=True, text=True)
+    assert nodes.stdout.strip() in ("hgnode[1-2]", "hgnode1,hgnode2"), nodes.stdout
+    signalled = subprocess.run(["scancel", "--signal=USR1", f"{job}_0"], env=env, capture_output=True, text=True)
+    assert signalled.returncode == 0, signalled.stderr
+    slurm_launcher.wait(job, timeout_s=600)
+    log = (point.run_dir / "train.log").read_text()
+    assert "stopped by SIGUSR1" in log and "resuming" in log, log[-3000:]
+    summary = json.loads((point.run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["workers"] == 2
+    assert [row["epoch"] for row in json.loads((point.run_dir / "metrics.json").read_text())] == [1, 2, 3, 4, 5]
+    assert state.point_state(point.run_dir) == state.DONE
+
+
+def test_a_dead_node_ends_the_job_and_a_rerun_resumes(cluster, tmp_path):
+    """SIGKILL the worker on the second node: the whole step ends in bounded time,
+    and the same command resumes from the last checkpoint."""
+    import signal
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    argv = [*TRAIN, "--epochs", "6", "--run-dir", run_dir]
+    env = subprocess_env(cluster.env(), HVD_GRADALIGN_RENDEZVOUS_DIR=cluster.dir / "rendezvous")
+    proc = subprocess.Popen(["srun", "--nodes=2", "--ntasks-per-node=1", sys.executable, *map(str, argv)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "LATEST").exists():
+            assert proc.poll() is None and time.time() < deadline, cluster.log_tail()
+            time.sleep(0.2)
+        victims = [p for p in psutil.process_iter(["cmdline"])
+                   if str(run_dir) in " ".join(p.info["cmdline"] or []) and "-m train" in " ".join(p.info["cmdline"] or [])
+                   and p.environ().get("SLURM_NODEID") == "1"]
+        assert victims, "no worker found on the second node"
+        for v in victims:
+            v.send_signal(signal.SIGKILL)
+        killed = time.time()
+        rc = proc.wait(timeout=180)
+        assert rc != 0 and time.time() - killed < 180
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = run_dir / "summary.json"
+    assert not summary.exists() or json.loads(summary.read_text())["status"] != "finished"
+    rerun = srun(cluster, 2, 1, argv)
+    assert "resuming" in rerun.stdout, rerun.stdout[-2000:]
+    assert json.loads(summary.read_text())["status"] == "finished"
