@@ -296,6 +296,7 @@ def test_slurm_job_array_sweep(tmp_path, slurm):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # 3.5 min; tests/test_multinode.py runs the same path on two nodes by default
 def test_slurm_preemption_signal_checkpoints_requeues_and_resumes(tmp_path, slurm):
     """USR1 (what --signal sends before the time limit) stops the point with a
     checkpoint; the array task requeues itself and the training resumes."""
