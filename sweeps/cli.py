@@ -72,7 +72,16 @@ def cmd_status(args) -> int:
 def cmd_report(args) -> int:
     from sweeps.report import report
 
-    report(args.runs_dir, args.out, args.at)
+    header = ""
+    if args.spec:
+        sweep = load(args.spec)
+        states = _states(sweep, _active())
+        done = sum(v == state.DONE for v in states.values())
+        if done < len(states):
+            header = (f"PARTIAL: {done} of the {len(states)} points of {args.spec} are done "
+                      f"({', '.join(f'{n} {s}' for s, n in sorted(Counter(states.values()).items()))}); "
+                      "the sweep resumes with `python -m sweeps run` on the same spec.\n\n")
+    report(args.runs_dir, args.out, args.at, header=header)
     return 0
 
 
@@ -92,6 +101,7 @@ def main(argv=None) -> int:
     rep = sub.add_parser("report", help="results.csv, a Markdown table and plots")
     rep.add_argument("runs_dir")
     rep.add_argument("--out", help="where to write (default: RUNS_DIR)")
+    rep.add_argument("--spec", help="the sweep's spec: the report then says how much of it is done")
     rep.add_argument("--at", choices=("final", "best_val"), default="final",
                      help="which epoch of each run counts: the last, or the evaluated epoch "
                           "with the best validation accuracy")

@@ -291,7 +291,7 @@ def _beta_curve(rows, chosen, out, plt):
     return path
 
 
-def report(runs_dir, out=None, at="final") -> dict:
+def report(runs_dir, out=None, at="final", header="") -> dict:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"{runs_dir} is not a folder of sweep runs")
@@ -320,7 +320,7 @@ def report(runs_dir, out=None, at="final") -> dict:
                   + "; ".join(f"batch {b} {o} {statistics.median(v):.0f}"
                               for (b, o), v in sorted(per.items()))
                   + f". Total over {len(walls)} points: {sum(walls) / 3600:.2f} h.\n")
-    text = table + ("\n" + recovery if recovery else "") + timing
+    text = header + table + ("\n" + recovery if recovery else "") + timing
     write_text_atomic(out / "table.md", text)
     files = plots(rows, chosen, out) if chosen else []
     print(text)
