@@ -34,10 +34,10 @@ def main():
     data = make_pipelines("fashion_mnist", None, rank=hga.rank(), size=hga.size(),
                           global_batch=args.global_batch, seed=0, train_samples=args.samples)
 
-    model = hga.wrap(keras.Sequential([
+    model = keras.Sequential([  # compile with GradAlign is all it needs
         keras.Input((28, 28, 1)), keras.layers.Flatten(),
         keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10),
-    ]))
+    ])
     model.compile(
         optimizer=hga.GradAlign(keras.optimizers.SGD(args.lr, momentum=0.9), beta=args.beta,
                                 micro_batches=args.micro_batches),

@@ -17,6 +17,28 @@ class ClusterUnavailable(RuntimeError):
     pass
 
 
+def cluster_fixture(cluster, what):
+    """Start ``cluster`` for a test module with SLURM_CONF pointing at it (the
+    sweeps' in-process squeue calls read it), and stop it afterwards."""
+    try:
+        cluster.start()
+    except ClusterUnavailable as err:
+        cluster.stop()
+        import pytest
+
+        pytest.skip(f"cannot run {what} here: {err}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,25 +130,29 @@ class LocalSlurm:
                 text.append(f"--- {name}\n" + "\n".join(p.read_text().splitlines()[-n:]))
         return "\n".join(text)
 
+    pidfiles = ("slurmd.pid", "slurmctld.pid")
+
     def stop(self):
         subprocess.run(["scancel", "--full", "-u", "root"], capture_output=True, env=self.env())
-        for pidfile in ("slurmd.pid", "slurmctld.pid"):
-            p = self.dir / pidfile
+        pidfiles = [self.dir / name for name in self.pidfiles]
+        for p in pidfiles:
             if p.exists():
                 try:
                     os.kill(int(p.read_text().strip()), signal.SIGTERM)
                 except (ProcessLookupError, ValueError):
                     pass
         deadline = time.time() + 20
-        for pidfile in ("slurmd.pid", "slurmctld.pid"):
-            p = self.dir / pidfile
+        for p in pidfiles:
             while p.exists() and time.time() < deadline:
                 try:
                     os.kill(int(p.read_text().strip()), 0)
                 except (ProcessLookupError, ValueError):
                     break
                 time.sleep(0.2)
-        # slurmstepd children, if any job step survived
+        # slurmstepd children, if any job step survived, and a daemon whose pid file
+        # is gone but which still runs: whatever runs with this cluster's config goes.
         subprocess.run(["pkill", "-f", f"slurmstepd.*{self.dir}"], capture_output=True)
+        for daemon in ("slurmd", "slurmctld"):
+            subprocess.run(["pkill", "-9", "-f", f"{daemon} -f {self.conf}"], capture_output=True)
         if self.started_munge:
             subprocess.run(["pkill", "-x", "munged"], capture_output=True)

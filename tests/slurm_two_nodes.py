@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -97,33 +96,15 @@ class TwoNodeSlurm(LocalSlurm):
             text.append(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-n:]))
         return "\n".join(text)
 
+    @property
+    def pidfiles(self):
+        return [f"slurmd-{n}.pid" for n in NODES] + ["slurmctld.pid"]
+
     def stop(self):
-        subprocess.run(["scancel", "--full", "-u", "root"], capture_output=True, env=self.env())
-        pidfiles = [self.dir / f"slurmd-{n}.pid" for n in NODES] + [self.dir / "slurmctld.pid"]
-        for p in pidfiles:
-            if p.exists():
-                try:
-                    os.kill(int(p.read_text().strip()), signal.SIGTERM)
-                except (ProcessLookupError, ValueError):
-                    pass
-        deadline = time.time() + 20
-        for p in pidfiles:
-            while p.exists() and time.time() < deadline:
-                try:
-                    os.kill(int(p.read_text().strip()), 0)
-                except (ProcessLookupError, ValueError):
-                    break
-                time.sleep(0.2)
-        subprocess.run(["pkill", "-f", f"slurmstepd.*{self.dir}"], capture_output=True)
-        # A slurmd whose pid file is gone but which still runs keeps its namespace
-        # (and veth) alive: whatever runs with this cluster's config goes.
-        for daemon in ("slurmd", "slurmctld"):
-            subprocess.run(["pkill", "-9", "-f", f"{daemon} -f {self.conf}"], capture_output=True)
+        super().stop()
         time.sleep(0.5)
         for name in NODES:
             _run("ip", "netns", "del", name, check=False)
         for i in range(len(NODES)):
             _run("ip", "link", "del", f"hgv7{i}", check=False)
         _run("ip", "link", "del", BRIDGE, check=False)
-        if self.started_munge:
-            subprocess.run(["pkill", "-x", "munged"], capture_output=True)

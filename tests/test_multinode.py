@@ -2,7 +2,6 @@
 (tests/slurm_two_nodes.py), srun starting the workers, Gloo over the nodes' eth0."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,8 @@ import pytest
 from hvd_gradalign import checkpoint
 from tests import scenarios
 from tests.conftest import REPO, horovodrun
-from tests.slurm_two_nodes import NODES, SUBNET, ClusterUnavailable, TwoNodeSlurm
+from tests.slurm_cluster import cluster_fixture
+from tests.slurm_two_nodes import NODES, SUBNET, TwoNodeSlurm
 from train.launch import subprocess_env
 
 pytestmark = pytest.mark.multinode
@@ -20,20 +20,7 @@ pytestmark = pytest.mark.multinode
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = TwoNodeSlurm(tmp_path_factory.mktemp("two_nodes"))
-    try:
-        c.start()
-    except ClusterUnavailable as err:
-        c.stop()
-        pytest.skip(f"cannot run a two-node cluster here: {err}")
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(c.conf)  # squeue/scontrol called in-process (sweeps.slurm)
-    yield c
-    c.stop()
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
+    yield from cluster_fixture(TwoNodeSlurm(tmp_path_factory.mktemp("two_nodes")), "a two-node cluster")
 
 
 def srun(cluster, nodes, per_node, argv, timeout=600):

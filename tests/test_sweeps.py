@@ -13,7 +13,7 @@ from sweeps import state
 from sweeps.report import report
 from tests.conftest import REPO
 from train.launch import subprocess_env
-from tests.slurm_cluster import ClusterUnavailable, LocalSlurm
+from tests.slurm_cluster import LocalSlurm, cluster_fixture
 from train.config import ConfigError
 
 TINY = """
@@ -235,20 +235,7 @@ def test_report_selects_on_validation_not_test(tmp_path):
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except ClusterUnavailable as err:
-        cluster.stop()
-        pytest.skip(f"cannot run a local SLURM cluster here: {err}")
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    yield cluster
-    cluster.stop()
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
+    yield from cluster_fixture(LocalSlurm(tmp_path_factory.mktemp("slurm")), "a local SLURM cluster")
 
 
 @pytest.mark.slurm
