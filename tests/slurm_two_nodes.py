@@ -3,8 +3,9 @@
 Each node is a network namespace (its own interface eth0 and address on a bridge
 the fixture creates) with its own host name (a UTS namespace) and its own
 /etc/hosts (a mount namespace, bind-mounted) that names both nodes, as DNS would
-on a real cluster: Gloo resolves the node's host name. One ``slurmd -N NAME`` runs
-inside each; ``slurmctld`` runs outside, on the bridge's address, and munge's
+on a real cluster: Gloo resolves the node's host name. One ``slurmd -N NAME`` (and an
+``sshd`` that accepts only a key the fixture makes, for ``horovodrun -H``) runs inside
+each; ``slurmctld`` runs outside, on the bridge's address, and munge's
 socket is shared through the file system. Traffic goes only to the addresses
 created here. ``stop`` removes everything, also after a failed start.
 
@@ -29,6 +30,7 @@ from tests.slurm_cluster import CONF, ClusterUnavailable, LocalSlurm, _free_port
 SUBNET = "10.213.7"
 NODES = {"hgnode1": f"{SUBNET}.11", "hgnode2": f"{SUBNET}.12"}
 BRIDGE = "hgbr7"
+SSHD = "/usr/sbin/sshd"
 
 
 def _run(*cmd, check=True):
@@ -65,11 +67,10 @@ class TwoNodeSlurm(LocalSlurm):
         hosts.write_text(Path("/etc/hosts").read_text() + "".join(f"{a} {n}\n" for n, a in NODES.items()))
         self._start_munge()
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env())
+        self.ssh_key = self._ssh_config() if Path(SSHD).exists() else None
         for name in NODES:
-            subprocess.run(["nsenter", f"--net=/var/run/netns/{name}", "unshare", "--uts", "--mount",
-                            "--propagation", "private", "sh", "-c",
-                            f"mount --bind {hosts} /etc/hosts && hostname {name} && "
-                            f"slurmd -f {self.conf} -N {name}"], check=True, env=self.env())
+            sshd = f" && mkdir -p /run/sshd && {SSHD} -f {self.dir}/sshd_config" if self.ssh_key else ""
+            self.on_node(name, f"slurmd -f {self.conf} -N {name}{sshd}", check=True, env=self.env())
         deadline = time.time() + timeout
         while time.time() < deadline:
             out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env())
@@ -77,6 +78,26 @@ class TwoNodeSlurm(LocalSlurm):
                 return self
             time.sleep(0.5)
         raise ClusterUnavailable(f"nodes not idle after {timeout}s: {out.stdout} {out.stderr}\n" + self.log_tail())
+
+    def on_node(self, name, command, **kwargs):
+        """Run the shell ``command`` inside node ``name``: its network, host name and
+        /etc/hosts (what a login on that node would see)."""
+        return subprocess.run(["nsenter", f"--net=/var/run/netns/{name}", "unshare", "--uts", "--mount",
+                               "--propagation", "private", "sh", "-c",
+                               f"mount --bind {self.dir / 'hosts'} /etc/hosts && hostname {name} && {command}"],
+                              **kwargs)
+
+    def _ssh_config(self) -> Path:
+        """A key for root and an sshd configuration that accepts only it (for horovodrun -H)."""
+        key = self.dir / "ssh_key"
+        for path in (key, self.dir / "ssh_host_key"):
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path))
+        shutil.copy(f"{key}.pub", self.dir / "authorized_keys")
+        (self.dir / "sshd_config").write_text(
+            f"Port 22\nHostKey {self.dir}/ssh_host_key\nAuthorizedKeysFile {self.dir}/authorized_keys\n"
+            f"PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nStrictModes no\n"
+            "PidFile none\n")
+        return key
 
     def _network(self):
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
@@ -102,6 +123,7 @@ class TwoNodeSlurm(LocalSlurm):
 
     def stop(self):
         super().stop()
+        subprocess.run(["pkill", "-f", f"sshd -f {self.dir}/sshd_config"], capture_output=True)
         time.sleep(0.5)
         for name in NODES:
             _run("ip", "netns", "del", name, check=False)

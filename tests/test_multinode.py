@@ -10,7 +10,7 @@ import pytest
 
 from hvd_gradalign import checkpoint
 from tests import scenarios
-from tests.conftest import REPO, horovodrun
+from tests.conftest import HOROVODRUN, REPO, horovodrun
 from tests.slurm_cluster import cluster_fixture
 from tests.slurm_two_nodes import NODES, SUBNET, TwoNodeSlurm
 from train.launch import subprocess_env
@@ -160,3 +160,23 @@ def test_a_dead_node_ends_the_job_and_a_rerun_resumes(cluster, tmp_path):
     rerun = srun(cluster, 2, 1, argv)
     assert "resuming" in rerun.stdout, rerun.stdout[-2000:]
     assert json.loads(summary.read_text())["status"] == "finished"
+
+
+def test_horovodrun_over_ssh_across_the_nodes(cluster, tmp_path):
+    """horovodrun -H, launched on node 1 as on a real cluster, starts the remote
+    workers over ssh (an sshd in each node accepting the fixture's key)."""
+    if cluster.ssh_key is None:
+        pytest.skip("no sshd installed (scripts/setup.sh installs openssh-server)")
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    hosts = ",".join(f"{n}:2" for n in NODES)
+    proc = cluster.on_node(
+        next(iter(NODES)),
+        f"cd {REPO} && {HOROVODRUN} -np 4 -H {hosts} --gloo "
+        f"--ssh-identity-file {cluster.ssh_key} {sys.executable} {script}",
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line.split(">:", 1)[1]) for line in proc.stdout.splitlines() if ">:{" in line]
+    assert sorted(r["rank"] for r in rows) == [0, 1, 2, 3]
+    assert {r["node"] for r in rows} == set(NODES)
+    assert {r["iface"] for r in rows} == {"eth0"} and all(r["mean"] == 1.5 for r in rows)
