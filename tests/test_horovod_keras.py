@@ -132,3 +132,13 @@ def test_horovod_style_script_on_two_workers(tmp_path, model_kind, optimizer, wa
     if model_kind != "subclassed":  # its class lives in the script: it would need custom_objects
         resumed = hvdk.load_model(tmp_path / "checkpoint.keras")
         assert isinstance(resumed.optimizer, hga.DistributedOptimizer)
+
+
+def test_collectives_on_one_worker(hvd):
+    np.testing.assert_allclose(hvdk.allreduce(np.array([1.0, 2.0])), [1.0, 2.0])
+    np.testing.assert_allclose(hvdk.allreduce(np.array([1.0, 2.0]), op=hvdk.Sum, postscale_factor=2.0), [2.0, 4.0])
+    np.testing.assert_allclose(np.asarray(hvdk.allgather(np.ones((2, 3)))), np.ones((2, 3)))
+    np.testing.assert_allclose(np.asarray(hvdk.broadcast(np.arange(3.0), 0)), np.arange(3.0))
+    assert hvdk.size() == 1 and hvdk.rank() == 0 and hvdk.is_initialized()
+    with pytest.raises(ValueError, match="op='adasum'"):
+        hvdk.allreduce(np.ones(2), op=hvdk.Adasum)
