@@ -156,23 +156,21 @@ def allreduce_list(tensors, op: str = "average", predivide: float = 1.0, fp16: b
     tensors = [None if t is None else tf.convert_to_tensor(t) for t in tensors]
     if op not in ("average", "sum"):
         raise ValueError(f"op must be 'average' or 'sum', got {op!r}")
-    if size() == 1:
-        if fp16:  # the same rounding as on several workers
-            return [t if t is None or not t.dtype.is_floating else tf.cast(tf.cast(t, tf.float16), t.dtype)
-                    for t in tensors]
-        return tensors
-    _check_not_xla()
     present = [i for i, t in enumerate(tensors) if t is not None]
     sent = [tensors[i] for i in present]
-    if fp16:
+    if fp16:  # also on one worker: the same rounding as on several
         sent = [tf.cast(t, tf.float16) if t.dtype.is_floating else t for t in sent]
-    if op == "average" and predivide == 1.0:
-        reduced = _hvd.grouped_allreduce(sent, op=_hvd.Average)
-    elif op == "average":
-        reduced = _hvd.grouped_allreduce(sent, op=_hvd.Sum, prescale_factor=1.0 / predivide,
-                                         postscale_factor=predivide / size())
+    if size() == 1:
+        reduced = sent
     else:
-        reduced = _hvd.grouped_allreduce(sent, op=_hvd.Sum)
+        _check_not_xla()
+        if op == "sum":
+            reduced = _hvd.grouped_allreduce(sent, op=_hvd.Sum)
+        elif predivide == 1.0:
+            reduced = _hvd.grouped_allreduce(sent, op=_hvd.Average)
+        else:
+            reduced = _hvd.grouped_allreduce(sent, op=_hvd.Sum, prescale_factor=1.0 / predivide,
+                                             postscale_factor=predivide / size())
     out = list(tensors)
     for i, r in zip(present, reduced):
         out[i] = tf.cast(r, tensors[i].dtype)

@@ -174,14 +174,12 @@ def install() -> None:
 
     def fit(self, *args, **kwargs):
         bound = fit_signature.bind_partial(self, *args, **kwargs).arguments
-        broadcasts = any(isinstance(c, BroadcastInitialState) for c in bound.get("callbacks") or ())
-        if not (_uses_horovod(self) or broadcasts):
-            return stock_fit(self, *args, **kwargs)
-        # Built before training begins, so that the initial broadcast has weights to send.
-        _build_from_input(self, bound.get("x"))
-        if not _uses_horovod(self):
-            return stock_fit(self, *args, **kwargs)
-        _no_xla(self)
+        horovod = _uses_horovod(self)
+        if horovod or any(isinstance(c, BroadcastInitialState) for c in bound.get("callbacks") or ()):
+            # Built before training begins, so that the initial broadcast has weights to send.
+            _build_from_input(self, bound.get("x"))
+        if horovod:
+            _no_xla(self)
         if isinstance(self.optimizer, GradAlign):
             check_fit_input(bound.get("x"), bound.get("batch_size"), self.optimizer.micro_batches,
                             bound.get("validation_split") or 0.0)

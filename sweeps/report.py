@@ -309,13 +309,13 @@ def report(runs_dir, out=None, at="final", header="") -> dict:
     chosen = select(rows)
     table = markdown_table(rows, chosen, at) if chosen else "No finished points yet.\n"
     recovery = recovery_table(chosen) if chosen else ""
-    walls = [r["wall_time"] for r in rows if r["status"] == "done" and r["wall_time"]]
+    per = defaultdict(list)
+    for r in rows:
+        if r["status"] == "done" and r["wall_time"]:
+            per[(r["batch_size"], r["optimizer"])].append(r["wall_time"])
+    walls = [w for v in per.values() for w in v]
     timing = ""
     if walls:
-        per = defaultdict(list)
-        for r in rows:
-            if r["status"] == "done" and r["wall_time"]:
-                per[(r["batch_size"], r["optimizer"])].append(r["wall_time"])
         timing = ("\nWall time per finished point (s, median): "
                   + "; ".join(f"batch {b} {o} {statistics.median(v):.0f}"
                               for (b, o), v in sorted(per.items()))
