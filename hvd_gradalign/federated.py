@@ -126,7 +126,8 @@ class FederatedConfig:
     server_momentum: float = 0.0
     clients_per_round: int = 10
     seed: int = 0
-    log_variance: bool = True      # V over the participants' gradients at x (costs a pass)
+    log_variance: bool = True      # V over the participants' gradients at x (costs a pass,
+                                   # as much as K·b local samples; FedGA has it for free)
 
     def check(self, clients: int):
         if self.algorithm not in ALGORITHMS:
@@ -247,8 +248,12 @@ class FederatedTrainer:
         return y
 
     # -- a round -------------------------------------------------------------------
-    def run_round(self, state: FederatedState) -> tuple[FederatedState, dict]:
+    def run_round(self, state: FederatedState, log_variance: bool | None = None
+                  ) -> tuple[FederatedState, dict]:
+        """One round; ``log_variance`` (default ``config.log_variance``) says whether to
+        measure V at x this round. It must be the same on every worker (an allreduce)."""
         cfg, workers, me = self.config, distributed.size(), distributed.rank()
+        log_variance = cfg.log_variance if log_variance is None else log_variance
         x = state.weights
         sampled = sample_clients(state.round, len(self.clients), cfg.clients_per_round, cfg.seed)
         mine = [c for c in sampled if owner(c, workers) == me]
@@ -256,7 +261,7 @@ class FederatedTrainer:
         metrics = {}
 
         starts = {c: x for c in mine}
-        if cfg.algorithm == "fedga" or cfg.log_variance:
+        if cfg.algorithm == "fedga" or log_variance:
             grads = {}
             for c in mine:
                 idx = self.clients[c][:cfg.grad_samples] if cfg.grad_samples else self.clients[c]

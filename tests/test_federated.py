@@ -84,6 +84,27 @@ def test_resume_from_state_equals_uninterrupted(hvd, tmp_path):
     assert resumed.round == 2
 
 
+
+def test_skipping_the_variance_pass_leaves_the_round_unchanged(hvd):
+    """V at x is a measurement: a round without it computes the same weights (FedGA
+    needs the gradients anyway, so it always reports V)."""
+    import keras
+
+    from tests.scenarios import build_model, initial_params
+
+    x, y = fs.data()
+    for name in ("fedavg", "fedga"):
+        results = {}
+        for measure in (True, False):
+            cfg = federated.FederatedConfig(clients_per_round=fs.PER_ROUND, seed=5, **fs.SCENARIOS[name])
+            trainer = federated.FederatedTrainer(
+                build_model("softmax", initial_params("softmax")),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True), x, y, fs.split(), cfg)
+            results[measure] = trainer.run_round(trainer.initial_state(), log_variance=measure)
+        _close(results[False][0].weights, results[True][0].weights, atol=0)
+        assert results[True][1]["grad_variance"] > 0
+        assert ("grad_variance" in results[False][1]) == (name == "fedga")
+
 def test_splits():
     y = np.repeat(np.arange(4), 25)
     shards = federated.split_label_shards(y, 4, seed=0)
@@ -175,6 +196,16 @@ def test_entry_point_runs_each_algorithm(tmp_path, algorithm):
         assert key in rows[-1], key
     again = _train(tmp_path / algorithm, "--algorithm", algorithm, "--rounds", "2")
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_entry_point_measures_variance_every_n_rounds(tmp_path):
+    import json
+
+    proc = _train(tmp_path / "v", "--algorithm", "fedavg", "--rounds", "5", "--variance-every", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    # rounds 2 and 4, and the last one
+    assert [r["round"] for r in rows if "grad_variance" in r] == [2, 4, 5]
 
 
 def test_entry_point_sigterm_resume_equals_uninterrupted(tmp_path):

@@ -67,6 +67,7 @@ DEFAULTS = {
         "server_lr": 1.0,
         "server_momentum": 0.0,
         "eval_rounds": 1,             # evaluate test (and validation) every N rounds
+        "variance_every": 1,          # measure V at x every N rounds (fedga: every round, free)
     },
     "train": {
         "batch_size": 512,            # GLOBAL batch
@@ -218,7 +219,7 @@ def validate(config: dict) -> dict:
     f = config["federated"]
     if f["algorithm"] != "none":
         for name in ("clients", "clients_per_round", "rounds", "local_steps", "local_batch", "eval_rounds",
-                     "shards_per_client"):
+                     "shards_per_client", "variance_every"):
             if f[name] < 1:
                 raise ConfigError(f"federated.{name} must be >= 1, got {f[name]}")
         if f["clients_per_round"] > f["clients"]:

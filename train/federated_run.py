@@ -134,7 +134,9 @@ def run_federated(config, run_dir: Path, log) -> int:
     interrupted = False
     while state.round < f["rounds"]:
         t0 = time.perf_counter()
-        state, metrics = trainer.run_round(state)
+        upcoming = state.round + 1
+        state, metrics = trainer.run_round(state, log_variance=(
+            upcoming % f["variance_every"] == 0 or upcoming == f["rounds"]))
         row = {"round": state.round, "communications": state.round * comms, **metrics,
                "round_time": time.perf_counter() - t0}
         if state.round % f["eval_rounds"] == 0 or state.round == f["rounds"]:
