@@ -84,7 +84,6 @@ def test_resume_from_state_equals_uninterrupted(hvd, tmp_path):
     assert resumed.round == 2
 
 
-
 def test_skipping_the_variance_pass_leaves_the_round_unchanged(hvd):
     """V at x is a measurement: a round without it computes the same weights (FedGA
     needs the gradients anyway, so it always reports V)."""
@@ -104,6 +103,7 @@ def test_skipping_the_variance_pass_leaves_the_round_unchanged(hvd):
         _close(results[False][0].weights, results[True][0].weights, atol=0)
         assert results[True][1]["grad_variance"] > 0
         assert ("grad_variance" in results[False][1]) == (name == "fedga")
+
 
 def test_splits():
     y = np.repeat(np.arange(4), 25)
