@@ -1,7 +1,11 @@
-"""The local launcher: points one after another, each under horovodrun (or alone)."""
+"""The local launcher: points one after another, each under horovodrun (or alone).
+Several local launchers may run the same sweep at once (one per GPU or per core
+set): each point is claimed with a lock in its run directory, so no point runs twice."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -57,23 +61,50 @@ def run_point(point, env) -> int:
     return rc
 
 
+@contextlib.contextmanager
+def claim(run_dir: Path):
+    """Yields True while this process holds the point's lock, False if another
+    launcher holds it. flock, not a marker file: the kernel drops the lock when its
+    holder dies, so a killed launcher leaves nothing to clean up."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "launcher.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class LocalLauncher(Launcher):
     """Points one after another in this process's foreground; ``submit`` returns
-    when they have all ended (a failed point does not stop the others)."""
+    when they have all ended (a failed point does not stop the others). A point that
+    another local launcher has claimed, or finished, since the list was made is skipped."""
 
     name = "local"
 
     def __init__(self):
         self.failed = []
+        self.skipped = []
 
     def submit(self, sweep, points) -> str:
         env = subprocess_env()
         for i, p in enumerate(points, 1):
-            print(f"[{i}/{len(points)}] {p.id} {p.params}", flush=True)
-            rc = run_point(p, env)
-            if rc != 0:
-                self.failed.append(p.id)
-                print(f"  exited {rc}; see {p.run_dir / 'train.log'} (the sweep goes on)", flush=True)
+            with claim(p.run_dir) as mine:
+                # Checked under the lock: another launcher may have finished it meanwhile.
+                now = state.point_state(p.run_dir) if mine else state.RUNNING
+                if now in (state.DONE, state.RUNNING):
+                    print(f"[{i}/{len(points)}] {p.id} skipped: {now} in another launcher", flush=True)
+                    self.skipped.append(p.id)
+                    continue
+                print(f"[{i}/{len(points)}] {p.id} {p.params}", flush=True)
+                rc = run_point(p, env)
+                if rc != 0:
+                    self.failed.append(p.id)
+                    print(f"  exited {rc}; see {p.run_dir / 'train.log'} (the sweep goes on)", flush=True)
         return "local"
 
     def wait(self, handle, timeout_s=None) -> None:

@@ -183,6 +183,25 @@ def test_interrupted_local_sweep_resumes(tmp_path):
     assert [row["epoch"] for row in metrics] == [1, 2, 3, 4, 5, 6]
 
 
+def test_two_local_launchers_share_a_sweep_without_running_a_point_twice(tmp_path):
+    path = write_spec(tmp_path, batches="[64, 128, 256]", optimizers='["sgd"]')
+    path.write_text(path.read_text().replace("workers = 2", "workers = 1"))
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "sweeps", "run", str(path), "--runs-root", str(runs)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    points = sweep_spec.load(path, runs).points
+    ran = [line.split()[1] for o in outs for line in o.splitlines()
+           if line.startswith("[") and "skipped" not in line]
+    assert sorted(ran) == sorted(p.id for p in points), outs
+    for p in points:
+        assert state.point_state(p.run_dir) == state.DONE
+        assert [row["epoch"] for row in json.loads((p.run_dir / "metrics.json").read_text())] == [1]
+        assert "resuming" not in (p.run_dir / "train.log").read_text()
+
+
 def test_local_sweep_runs_resumes_and_reports(tmp_path):
     path = write_spec(tmp_path, batches="[256]", optimizers='["gradalign"]')
     # 70000 training samples pass the spec's checks but not the dataset's (60000 minus
