@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from pathlib import Path
 
 from sweeps import launcher as launchers
 from sweeps import state
@@ -78,7 +79,12 @@ def cmd_report(args) -> int:
 
     header = ""
     if args.spec:
-        sweep = load(args.spec)
+        runs_dir = Path(args.runs_dir).resolve()
+        # The runs folder is <runs root>/<sweep name>: its parent is the runs root.
+        sweep = load(args.spec, runs_dir.parent)
+        if sweep.name != runs_dir.name:
+            raise SystemExit(f"{args.spec} is the sweep {sweep.name!r}, but {args.runs_dir} holds the runs of "
+                             f"a sweep named {runs_dir.name!r}: pass that sweep's spec, or no --spec")
         states = _states(sweep, _active())
         done = sum(v == state.DONE for v in states.values())
         if done < len(states):

@@ -56,7 +56,7 @@ def collect(run_dirs, at="final"):
     return rows, curves
 
 
-def report(run_dirs, out: Path, at="final") -> dict:
+def report(run_dirs, out: Path, at="final", header="") -> dict:
     rows, curves = collect(run_dirs, at)
     write_csv_atomic(out / "results.csv", rows, COLUMNS)
     groups = defaultdict(lambda: defaultdict(list))
@@ -79,6 +79,7 @@ def report(run_dirs, out: Path, at="final") -> dict:
             what = ", ".join(f"{k}={v:g}" for k, v in zip(SETTING_KEYS, setting) if v or k == "lr")
             cells.append(f"{100 * m:.2f} ± {100 * s:.2f} ({what}, n={len(seeds)})" if m is not None else "–")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    lines += _against_fedavg(chosen, splits, algorithms)
     walls = [r["wall_time"] for r in rows if r["status"] == "done" and r["wall_time"]]
     epoch = "final" if at == "final" else "best-validation"
     lines += ["", f"Cells: test accuracy (%) at the {epoch} evaluated round, mean ± std over seeds; "
@@ -89,11 +90,31 @@ def report(run_dirs, out: Path, at="final") -> dict:
     not_done = [r for r in rows if r["status"] != "done"]
     if not_done:
         lines.append(f"Not in the table: {len(not_done)} run(s) not finished; see results.csv.")
-    table = "\n".join(lines) + "\n"
+    table = header + "\n".join(lines) + "\n"
     write_text_atomic(out / "table.md", table)
     files = _plots(chosen, curves, splits, out)
     print(table)
     return {"rows": rows, "chosen": chosen, "table": table, "plots": files}
+
+
+def _against_fedavg(chosen, splits, algorithms):
+    """Each algorithm's mean test accuracy minus FedAvg's on the same split, each at
+    its own chosen setting."""
+    others = [a for a in algorithms if a != "fedavg"]
+    if "fedavg" not in algorithms or not others:
+        return []
+
+    def mean(key):
+        return _mean_std([r["test_accuracy"] for r in chosen[key][1]])[0] if key in chosen else None
+
+    lines = ["", "| split | " + " | ".join(f"{a} − fedavg" for a in others) + " |",
+             "|---|" + "---:|" * len(others)]
+    for split in splits:
+        base = mean((split, "fedavg"))
+        cells = [f"{100 * (m - base):+.2f}" if base is not None and (m := mean((split, a))) is not None
+                 else "–" for a in others]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plots(chosen, curves, splits, out):

@@ -301,7 +301,7 @@ def report(runs_dir, out=None, at="final", header="") -> dict:
 
     run_dirs = sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists())
     if run_dirs and all(federated_report.is_federated(read_json(p / "config.json")) for p in run_dirs):
-        return federated_report.report(run_dirs, out, at)
+        return federated_report.report(run_dirs, out, at, header=header)
     rows = collect(runs_dir, at)
     if not rows:
         raise FileNotFoundError(f"no runs (folders with config.json or point.toml) in {runs_dir}")

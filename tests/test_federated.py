@@ -302,3 +302,18 @@ beta = [0.01, 0.05]
     assert len(result["rows"]) == 6 and all(r["status"] == "done" for r in result["rows"])
     for split in ("iid", "dirichlet_0_1_"):
         assert (runs / "fed" / f"test_accuracy_vs_rounds_{split}.png").stat().st_size > 1000
+    chosen = result["chosen"]
+
+    def mean(split, algorithm):
+        seeds = chosen[(split, algorithm)][1]
+        return sum(r["test_accuracy"] for r in seeds) / len(seeds)
+
+    diff = 100 * (mean("iid", "fedga") - mean("iid", "fedavg"))
+    assert "| fedga − fedavg |" in result["table"] and f"| iid | {diff:+.2f} |" in result["table"]
+    # A spec that has grown since: the report says it is partial.
+    spec.write_text(spec.read_text() + '[[grid]]\nalgorithm = ["fedavg"]\nsplit = ["iid"]\nseed = [1]\n')
+    partial = subprocess.run([sys.executable, "-m", "sweeps", "report", str(runs / "fed"), "--spec", str(spec),
+                              "--out", str(tmp_path / "rep")], cwd=REPO, env=subprocess_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert (tmp_path / "rep" / "table.md").read_text().startswith("PARTIAL: 6 of the 7 points")
