@@ -61,6 +61,10 @@ def run_point(point, env) -> int:
     return rc
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 @contextlib.contextmanager
 def claim(run_dir: Path):
     """Yields True while this process holds the point's lock, False if another
@@ -91,6 +95,16 @@ class LocalLauncher(Launcher):
         self.skipped = []
 
     def submit(self, sweep, points) -> str:
+        # SIGTERM (kill, a session's end) must checkpoint the current point like Ctrl-C,
+        # not orphan it; and a launcher started with '&' from a script has SIGINT ignored.
+        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run_all(points)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _run_all(self, points) -> str:
         env = subprocess_env()
         for i, p in enumerate(points, 1):
             with claim(p.run_dir) as mine:

@@ -152,8 +152,11 @@ def test_point_state_comes_from_what_the_run_wrote(tmp_path):
         assert state.point_state(run_dir, {"7_1"}) == expected, name
 
 
-def test_interrupted_local_sweep_resumes(tmp_path):
-    """Ctrl-C to the sweep's process group: the point is 'interrupted', not
+@pytest.mark.parametrize("signum,to_group", [("SIGINT", True), ("SIGTERM", False)],
+                         ids=["ctrl-c-to-the-group", "sigterm-to-the-launcher-only"])
+def test_interrupted_local_sweep_resumes(tmp_path, signum, to_group):
+    """Ctrl-C to the sweep's process group, or SIGTERM to the launcher alone (its
+    point must not be left running as an orphan): the point is 'interrupted', not
     'running' for ever, and the next run resumes it from its checkpoint."""
     import signal
     import time
@@ -169,8 +172,13 @@ def test_interrupted_local_sweep_resumes(tmp_path):
     while not (point.run_dir / "metrics.json").exists():
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode()[-3000:]
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGINT)
+    if to_group:
+        os.killpg(proc.pid, getattr(signal, signum))
+    else:
+        os.kill(proc.pid, getattr(signal, signum))
     proc.wait(timeout=120)
+    orphans = subprocess.run(["pgrep", "-f", str(point.run_dir / "point.toml")], capture_output=True, text=True)
+    assert orphans.stdout.strip() == "", "the point's training outlived its launcher"
     assert state.point_state(point.run_dir) == state.INTERRUPTED
     status = sweeps_cli("status", path, "--runs-root", runs)
     assert "1 interrupted" in status.stdout, status.stdout
