@@ -53,8 +53,7 @@ def cmd_run(args) -> int:
         launcher.wait(handle)
     states = _states(sweep, launcher.active_jobs())
     # A point another local launcher is still running is that launcher's to report.
-    skipped = set(getattr(launcher, "skipped", ()))
-    elsewhere = [p.id for p in todo if p.id in skipped and states[p.id] != state.DONE]
+    elsewhere = [p.id for p in todo if p.id in launcher.skipped and states[p.id] != state.DONE]
     bad = [p.id for p in todo if states[p.id] != state.DONE and p.id not in elsewhere]
     ended = f"job {handle} ended" if args.launcher == "slurm" else "done"
     print(f"{ended}: {len(todo) - len(bad) - len(elsewhere)} done, {len(bad)} not done"

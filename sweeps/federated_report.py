@@ -65,6 +65,7 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
             groups[(r["split"], r["algorithm"])][tuple(r[k] for k in SETTING_KEYS)].append(r)
     chosen = {key: (best, settings[best]) for key, settings in groups.items()
               for best in [_best_setting(settings, "val_accuracy", max)]}
+    stats = {key: _mean_std([r["test_accuracy"] for r in seeds]) for key, (_, seeds) in chosen.items()}
     splits = sorted({s for s, _ in chosen})
     algorithms = sorted({a for _, a in chosen})
     lines = ["| split | " + " | ".join(algorithms) + " |", "|---|" + "---|" * len(algorithms)]
@@ -75,11 +76,11 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
                 cells.append("–")
                 continue
             setting, seeds = chosen[(split, a)]
-            m, s = _mean_std([r["test_accuracy"] for r in seeds])
+            m, s = stats[(split, a)]
             what = ", ".join(f"{k}={v:g}" for k, v in zip(SETTING_KEYS, setting) if v or k == "lr")
             cells.append(f"{100 * m:.2f} ± {100 * s:.2f} ({what}, n={len(seeds)})" if m is not None else "–")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
-    lines += _against_fedavg(chosen, splits, algorithms)
+    lines += _against_fedavg(stats, splits, algorithms)
     walls = [r["wall_time"] for r in rows if r["status"] == "done" and r["wall_time"]]
     epoch = "final" if at == "final" else "best-validation"
     lines += ["", f"Cells: test accuracy (%) at the {epoch} evaluated round, mean ± std over seeds; "
@@ -97,22 +98,19 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     return {"rows": rows, "chosen": chosen, "table": table, "plots": files}
 
 
-def _against_fedavg(chosen, splits, algorithms):
+def _against_fedavg(stats, splits, algorithms):
     """Each algorithm's mean test accuracy minus FedAvg's on the same split, each at
-    its own chosen setting."""
+    its own chosen setting; ``stats``: (split, algorithm) -> (mean, std)."""
     others = [a for a in algorithms if a != "fedavg"]
     if "fedavg" not in algorithms or not others:
         return []
-
-    def mean(key):
-        return _mean_std([r["test_accuracy"] for r in chosen[key][1]])[0] if key in chosen else None
-
     lines = ["", "| split | " + " | ".join(f"{a} − fedavg" for a in others) + " |",
              "|---|" + "---:|" * len(others)]
+    means = {key: m for key, (m, _) in stats.items() if m is not None}
     for split in splits:
-        base = mean((split, "fedavg"))
-        cells = [f"{100 * (m - base):+.2f}" if base is not None and (m := mean((split, a))) is not None
-                 else "–" for a in others]
+        base = means.get((split, "fedavg"))
+        cells = ["–" if base is None or (split, a) not in means else f"{100 * (means[(split, a)] - base):+.2f}"
+                 for a in others]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     return lines
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 class Launcher:
     name = "?"
+    # Ids of points this launcher left alone because another launcher held them.
+    skipped: tuple | list = ()
 
     def submit(self, sweep, points) -> str:
         """Start ``points``; return a handle to wait on."""
