@@ -27,8 +27,17 @@ gradient exactly as their papers define them:
             client starts from y_i = x + β (g_i − ḡ) (Dandi et al. 2022, Fig. 1).
 
 The new global weights are the n_i-weighted mean x̄ of the participants' models
-(SCAFFOLD: the plain mean, as its paper); a server step then moves x along
-Δ = x − x̄ with ``server_lr`` and ``server_momentum`` (1 and 0: x ← x̄).
+(SCAFFOLD: the plain mean, as its paper); a server step then moves x along the
+pseudo-gradient Δ = x − x̄ (Reddi et al. 2021, "Adaptive Federated Optimization"):
+
+- ``server_optimizer = "sgd"``: v ← m v + Δ; x ← x − η_s v, with ``server_lr`` η_s and
+  ``server_momentum`` m (1 and 0: x ← x̄, plain averaging; m > 0: FedAvgM);
+- ``server_optimizer = "adam"`` (FedAdam, their Algorithm 2, without bias correction):
+  m ← β₁ m + (1 − β₁) Δ; v ← β₂ v + (1 − β₂) Δ²; x ← x − η_s m / (√v + τ), with
+  ``server_beta1``, ``server_beta2`` and ``server_epsilon`` τ (their adaptivity, 1e-3).
+
+Any algorithm composes with either server optimizer (SCAFFOLD's c is updated as its
+paper says, independent of the server step).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import tensorflow as tf
 from . import distributed
 
 ALGORITHMS = ("fedavg", "fedga", "scaffold", "fedprox")
+SERVER_OPTIMIZERS = ("sgd", "adam")
 
 
 # ---- data splits ---------------------------------------------------------------
@@ -122,8 +132,12 @@ class FederatedConfig:
     beta: float = 0.0              # FedGA
     grad_samples: int = 0          # FedGA: samples of g_i (0 = all the client's data)
     mu: float = 0.0                # FedProx
+    server_optimizer: str = "sgd"  # sgd (FedAvgM with momentum) | adam (FedAdam)
     server_lr: float = 1.0
-    server_momentum: float = 0.0
+    server_momentum: float = 0.0   # sgd only
+    server_beta1: float = 0.9      # adam only
+    server_beta2: float = 0.99
+    server_epsilon: float = 1e-3   # τ, Reddi et al.'s adaptivity
     clients_per_round: int = 10
     seed: int = 0
     log_variance: bool = True      # V over the participants' gradients at x (costs a pass,
@@ -135,7 +149,16 @@ class FederatedConfig:
         for name in ("local_steps", "local_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("local_lr", "server_lr"):
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer {self.server_optimizer!r}; choose one of {SERVER_OPTIMIZERS}")
+        if self.server_optimizer == "adam":
+            if self.server_momentum:
+                raise ValueError("server_momentum is for server_optimizer='sgd'; FedAdam's first "
+                                 "moment is server_beta1")
+            for name in ("server_beta1", "server_beta2"):
+                if not 0 <= getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("local_lr", "server_lr", "server_epsilon"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "beta", "mu", "server_momentum", "grad_samples"):
@@ -150,7 +173,8 @@ class FederatedConfig:
 class FederatedState:
     weights: list                     # global x (numpy arrays)
     round: int = 0
-    server_velocity: list | None = None
+    server_velocity: list | None = None        # sgd: v; adam: the first moment m
+    server_second_moment: list | None = None   # adam: v
     c: list | None = None             # SCAFFOLD server control variate
     c_clients: dict = field(default_factory=dict)   # SCAFFOLD c_i of this worker's clients
 
@@ -158,7 +182,8 @@ class FederatedState:
         """Flat numpy arrays for a checkpoint (this worker's c_i included)."""
         out = {f"w{i}": w for i, w in enumerate(self.weights)}
         out["round"] = np.array(self.round)
-        for name, values in (("v", self.server_velocity), ("c", self.c)):
+        for name, values in (("v", self.server_velocity), ("s", self.server_second_moment),
+                             ("c", self.c)):
             for i, v in enumerate(values or ()):
                 out[f"{name}{i}"] = v
         for client, cs in self.c_clients.items():
@@ -179,7 +204,7 @@ class FederatedState:
                 client, i = k[2:].split("_")
                 c_clients.setdefault(int(client), {})[int(i)] = np.asarray(arrays[k])
         return cls(weights=listed("w"), round=int(arrays["round"]), server_velocity=listed("v"),
-                   c=listed("c"), c_clients={c: [d[i] for i in sorted(d)] for c, d in c_clients.items()})
+                   server_second_moment=listed("s"), c=listed("c"), c_clients={c: [d[i] for i in sorted(d)] for c, d in c_clients.items()})
 
 
 class FederatedTrainer:
@@ -200,8 +225,10 @@ class FederatedTrainer:
         weights = [np.asarray(w) for w in distributed.broadcast_values(self.variables, 0)]
         zeros = [np.zeros_like(w) for w in weights]
         state = FederatedState(weights=weights)
-        if self.config.server_momentum:
+        if self.config.server_momentum or self.config.server_optimizer == "adam":
             state.server_velocity = [z.copy() for z in zeros]
+        if self.config.server_optimizer == "adam":
+            state.server_second_moment = [z.copy() for z in zeros]
         if self.config.algorithm == "scaffold":
             state.c = [z.copy() for z in zeros]
         return state
@@ -299,15 +326,26 @@ class FederatedTrainer:
         else:
             x_bar = self._weighted_mean(models, n, like=x)
 
-        delta = [xw - xb for xw, xb in zip(x, x_bar)]
-        if cfg.server_momentum:
-            state.server_velocity = [cfg.server_momentum * v + d for v, d in zip(state.server_velocity, delta)]
-            delta = state.server_velocity
-        state.weights = [xw - cfg.server_lr * d for xw, d in zip(x, delta)]
+        state.weights = self._server_step(state, x, [xw - xb for xw, xb in zip(x, x_bar)])
         state.round += 1
         self._assign(state.weights)
         metrics["clients"] = len(sampled)
         return state, metrics
+
+    def _server_step(self, state: FederatedState, x, delta):
+        """x moved along the pseudo-gradient Δ by the server optimizer (its state updated)."""
+        cfg = self.config
+        if cfg.server_optimizer == "adam":
+            b1, b2 = cfg.server_beta1, cfg.server_beta2
+            state.server_velocity = [b1 * m + (1 - b1) * d for m, d in zip(state.server_velocity, delta)]
+            state.server_second_moment = [b2 * v + (1 - b2) * d * d
+                                          for v, d in zip(state.server_second_moment, delta)]
+            delta = [m / (np.sqrt(v) + cfg.server_epsilon)
+                     for m, v in zip(state.server_velocity, state.server_second_moment)]
+        elif cfg.server_momentum:
+            state.server_velocity = [cfg.server_momentum * v + d for v, d in zip(state.server_velocity, delta)]
+            delta = state.server_velocity
+        return [(xw - cfg.server_lr * d).astype(xw.dtype) for xw, d in zip(x, delta)]
 
     def _weighted_mean(self, values: dict, weights: dict, like):
         """Σ_i w_i v_i / Σ_i w_i over all workers' entries (one allreduce of sums);

@@ -17,6 +17,9 @@ SCENARIOS = {
     "fedprox_mu0": dict(algorithm="fedprox", local_steps=3, local_batch=4, local_lr=0.2, mu=0.0),
     "fedavg_server_momentum": dict(algorithm="fedavg", local_steps=2, local_batch=5, local_lr=0.2,
                                    server_lr=0.7, server_momentum=0.5, weight_decay=0.01),
+    "scaffold_server_adam": dict(algorithm="scaffold", local_steps=3, local_batch=4, local_lr=0.2,
+                                 server_optimizer="adam", server_lr=0.05, server_beta1=0.8,
+                                 server_beta2=0.95, server_epsilon=1e-2),
 }
 
 

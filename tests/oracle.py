@@ -100,6 +100,7 @@ def federated_rounds(grad_fn, params, x, y, clients, sampled_per_round, cfg, rou
     c = [np.zeros_like(p) for p in params]
     c_i = {}
     velocity = [np.zeros_like(p) for p in params]
+    second = [np.zeros_like(p) for p in params]
     for r in range(rounds):
         sampled = sampled_per_round[r]
         n = {k: float(len(clients[k])) for k in sampled}
@@ -135,7 +136,12 @@ def federated_rounds(grad_fn, params, x, y, clients, sampled_per_round, cfg, rou
         else:
             x_bar = [sum(n[k] * models[k][i] for k in sampled) / sum(n.values()) for i in range(len(params))]
         delta = [p - xb for p, xb in zip(params, x_bar)]
-        if cfg.get("server_momentum"):
+        if cfg.get("server_optimizer") == "adam":  # Reddi et al. 2021, Algorithm 2
+            b1, b2, tau = cfg["server_beta1"], cfg["server_beta2"], cfg["server_epsilon"]
+            velocity = [b1 * m + (1 - b1) * d for m, d in zip(velocity, delta)]
+            second = [b2 * v + (1 - b2) * d ** 2 for v, d in zip(second, delta)]
+            delta = [m / (np.sqrt(v) + tau) for m, v in zip(velocity, second)]
+        elif cfg.get("server_momentum"):
             velocity = [cfg["server_momentum"] * v + d for v, d in zip(velocity, delta)]
             delta = velocity
         params = [p - cfg.get("server_lr", 1.0) * d for p, d in zip(params, delta)]

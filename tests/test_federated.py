@@ -43,6 +43,14 @@ def test_zero_strength_is_fedavg(one_worker):
         assert max(np.abs(a - b).max() for a, b in zip(one_worker[name][0].weights, base)) > 1e-4
 
 
+def test_server_adam_moves_differently_from_averaging(one_worker):
+    plain, adam = one_worker["scaffold"][0], one_worker["scaffold_server_adam"][0]
+    assert max(np.abs(a - b).max() for a, b in zip(adam.weights, plain.weights)) > 1e-4
+    assert plain.server_second_moment is None
+    assert all(np.all(v >= 0) for v in adam.server_second_moment)
+    assert any(np.abs(v).max() > 0 for v in adam.server_velocity)
+
+
 def test_fedga_with_one_full_batch_step_is_gradalign(hvd):
     """K = 1 on each client's whole data, all clients, equal sizes: GradAlign with one
     micro-batch per client."""
@@ -64,21 +72,23 @@ def test_fedga_with_one_full_batch_step_is_gradalign(hvd):
     _close(state.weights, [p - 0.3 * g for p, g in zip(params, h)])
 
 
-def test_resume_from_state_equals_uninterrupted(hvd, tmp_path):
-    straight, _ = fs.run("scaffold")
+@pytest.mark.parametrize("name", ["scaffold", "scaffold_server_adam"])
+def test_resume_from_state_equals_uninterrupted(one_worker, tmp_path, name):
+    straight, _ = one_worker[name]
     # one round, through the checkpoint arrays, then the second round
     import keras
 
     from tests.scenarios import build_model, initial_params
 
     x, y = fs.data()
-    cfg = federated.FederatedConfig(clients_per_round=fs.PER_ROUND, seed=5, **fs.SCENARIOS["scaffold"])
+    cfg = federated.FederatedConfig(clients_per_round=fs.PER_ROUND, seed=5, **fs.SCENARIOS[name])
     make = lambda: federated.FederatedTrainer(  # noqa: E731
         build_model("softmax", initial_params("softmax")),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), x, y, fs.split(), cfg)
     state, _ = make().run_round(make().initial_state())
     np.savez(tmp_path / "state.npz", **state.to_arrays())
     restored = federated.FederatedState.from_arrays(dict(np.load(tmp_path / "state.npz")))
+    assert (restored.server_second_moment is not None) == ("adam" in name)
     resumed, _ = make().run_round(restored)
     _close(resumed.weights, straight.weights, atol=0)
     assert resumed.round == 2
@@ -135,6 +145,11 @@ def test_sampling_is_the_same_everywhere_and_without_replacement():
     (lambda y: federated.FederatedConfig(local_steps=0).check(5), "local_steps must be >= 1"),
     (lambda y: federated.FederatedConfig(clients_per_round=9).check(5), "clients_per_round=9"),
     (lambda y: federated.FederatedConfig(algorithm="fedsgd").check(5), "choose one of"),
+    (lambda y: federated.FederatedConfig(server_optimizer="yogi").check(5), "choose one of"),
+    (lambda y: federated.FederatedConfig(server_optimizer="adam", server_momentum=0.9).check(5),
+     "server_beta1"),
+    (lambda y: federated.FederatedConfig(server_optimizer="adam", server_beta2=1.0).check(5),
+     r"server_beta2 must be in \[0, 1\)"),
 ])
 def test_bad_inputs_are_clear_errors(call, match):
     y = np.repeat(np.arange(4), 25)
@@ -183,18 +198,21 @@ def _final_weights(run_dir):
     return [arrays[f"w{i}"] for i in range(n)], json.loads((root / name / "meta.json").read_text())
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold", "fedprox", "fedga"])
-def test_entry_point_runs_each_algorithm(tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, extra", [
+    ("fedavg", ()), ("scaffold", ()), ("fedprox", ()),
+    ("fedga", ("--server-optimizer", "adam", "--server-lr", "0.01")),
+])
+def test_entry_point_runs_each_algorithm(tmp_path, algorithm, extra):
     import json
 
-    proc = _train(tmp_path / algorithm, "--algorithm", algorithm, "--rounds", "2")
+    proc = _train(tmp_path / algorithm, "--algorithm", algorithm, "--rounds", "2", *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / algorithm / "metrics.json").read_text())
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[-1]["communications"] == (4 if algorithm == "fedga" else 2)
     for key in ("test_accuracy", "train_loss", "grad_variance", "round_time", "wall_time"):
         assert key in rows[-1], key
-    again = _train(tmp_path / algorithm, "--algorithm", algorithm, "--rounds", "2")
+    again = _train(tmp_path / algorithm, "--algorithm", algorithm, "--rounds", "2", *extra)
     assert again.returncode == 0 and "already finished" in again.stdout
 
 

@@ -356,3 +356,23 @@ def test_a_new_config_section_does_not_rename_existing_points():
     assert sweep_spec.point_id(config, 2) == sweep_spec.point_id(without, 2)
     config["federated"]["algorithm"] = "fedavg"
     assert sweep_spec.point_id(config, 2) != sweep_spec.point_id(without, 2)
+
+
+def test_keys_added_later_at_their_old_value_rename_nothing():
+    """A federated run made before the server optimizer keys existed keeps its name; the
+    committed federated sweep's first point is the run dir its report was made from."""
+    import copy
+
+    from train.config import ADDED_LATER, DEFAULTS
+
+    config = copy.deepcopy(DEFAULTS)
+    config["federated"]["algorithm"] = "fedavg"
+    before = copy.deepcopy(config)
+    for section, key in ADDED_LATER:
+        assert config[section][key] == ADDED_LATER[section, key]
+        del before[section][key]
+    assert sweep_spec.point_id(config, 1) == sweep_spec.point_id(before, 1)
+    config["federated"]["server_optimizer"] = "adam"
+    assert sweep_spec.point_id(config, 1) != sweep_spec.point_id(before, 1)
+    sweep = sweep_spec.load(REPO / "sweeps/configs/fashion_mnist_federated.toml")
+    assert sweep.points[0].id == "2ed55b45fefc"

@@ -36,6 +36,14 @@ def test_defaults_and_overrides(tmp_path):
     ('[optim]\nbeta = -0.1\n', r"optim\.beta must be >= 0"),
     ('[optim]\ndecay = "step"\n', r"needs optim\.decay_epochs"),
     ('[train\n', r"c\.toml"),
+    ('[federated]\nalgorithm = "fedavg"\nserver_optimizer = "yogi"\n',
+     r"federated\.server_optimizer = 'yogi'; choose one of \('sgd', 'adam'\)"),
+    ('[federated]\nalgorithm = "fedavg"\nserver_optimizer = "adam"\nserver_momentum = 0.9\n',
+     r"server_momentum is for server_optimizer = 'sgd'"),
+    ('[federated]\nalgorithm = "fedavg"\nserver_optimizer = "adam"\nserver_beta2 = 1.0\n',
+     r"federated\.server_beta2 must be in \[0, 1\)"),
+    ('[federated]\nalgorithm = "fedavg"\nserver_optimizer = "adam"\nserver_epsilon = 0.0\n',
+     r"federated\.server_epsilon must be > 0"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, match):
     cfg = tmp_path / "c.toml"

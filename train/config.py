@@ -13,7 +13,7 @@ import tomllib
 import math
 from pathlib import Path
 
-from hvd_gradalign.federated import ALGORITHMS
+from hvd_gradalign.federated import ALGORITHMS, SERVER_OPTIMIZERS
 from hvd_gradalign.models import MODELS, NORMS
 from hvd_gradalign.optimizers import INNER_OPTIMIZERS
 from hvd_gradalign.schedules import DECAYS, SCALING_RULES
@@ -64,8 +64,12 @@ DEFAULTS = {
         "iid_fraction": 0.0,          # shards: part of the data spread i.i.d. first
         "shards_per_client": 1,       # shards: label-sorted shards per client (2: ~2 classes each)
         "alpha": 0.1,                 # dirichlet concentration
-        "server_lr": 1.0,
-        "server_momentum": 0.0,
+        "server_optimizer": "sgd",    # sgd (momentum > 0: FedAvgM) | adam (FedAdam, Reddi et al. 2021)
+        "server_lr": 1.0,             # 1 with sgd and no momentum: plain averaging
+        "server_momentum": 0.0,       # sgd only
+        "server_beta1": 0.9,          # adam only
+        "server_beta2": 0.99,
+        "server_epsilon": 1e-3,       # adam's τ (adaptivity)
         "eval_rounds": 1,             # evaluate test (and validation) every N rounds
         "variance_every": 1,          # measure V at x every N rounds (fedga: every round, free)
     },
@@ -91,6 +95,7 @@ CHOICES = {
     "decay": DECAYS,
     "norm": ("default",) + NORMS,
     "algorithm": ("none",) + ALGORITHMS,
+    "server_optimizer": SERVER_OPTIMIZERS,
     "split": ("iid", "shards", "dirichlet"),
     "verbose": (0, 1, 2),
 }
@@ -102,15 +107,23 @@ RUN_NEUTRAL = {("train", "resume"), ("train", "verbose"), ("train", "checkpoint_
                ("train", "eval_every"), ("train", "eval_train")}
 
 
+# Keys added after runs existed, with the value that computes what those runs did: at that
+# value they leave no trace in a run's identity, so adding them renames no run or sweep point.
+ADDED_LATER = {("federated", "server_optimizer"): "sgd", ("federated", "server_beta1"): 0.9,
+               ("federated", "server_beta2"): 0.99, ("federated", "server_epsilon"): 1e-3}
+
+
 def run_identity(config: dict, ignore=()) -> dict:
     """The part of a config that decides what a run computes.
 
     Sections that do not take part leave no trace (a distributed run's [federated]
-    defaults), so that adding a section never renames existing runs and sweep points."""
+    defaults), nor do keys added later at their old behaviour's value (ADDED_LATER), so
+    that extending the config never renames existing runs and sweep points."""
     skip = RUN_NEUTRAL | set(ignore)
     federated = config.get("federated", {}).get("algorithm", "none") != "none"
-    return {s: {k: v for k, v in keys.items() if (s, k) not in skip} for s, keys in config.items()
-            if s != "federated" or federated}
+    return {s: {k: v for k, v in keys.items()
+                if (s, k) not in skip and ADDED_LATER.get((s, k), object()) != v}
+            for s, keys in config.items() if s != "federated" or federated}
 
 
 class ConfigError(ValueError):
@@ -230,6 +243,15 @@ def validate(config: dict) -> dict:
         for name in ("mu", "alpha", "server_lr", "server_momentum", "grad_samples"):
             if f[name] < 0:
                 raise ConfigError(f"federated.{name} must be >= 0, got {f[name]}")
+        if f["server_optimizer"] == "adam":
+            if f["server_momentum"]:
+                raise ConfigError("federated.server_momentum is for server_optimizer = 'sgd'; "
+                                  "FedAdam's first moment is federated.server_beta1")
+            for name in ("server_beta1", "server_beta2"):
+                if not 0.0 <= f[name] < 1.0:
+                    raise ConfigError(f"federated.{name} must be in [0, 1), got {f[name]}")
+            if not f["server_epsilon"] > 0:
+                raise ConfigError(f"federated.server_epsilon must be > 0, got {f['server_epsilon']}")
     if o["decay"] == "step" and not o["decay_epochs"]:
         raise ConfigError("optim.decay = 'step' needs optim.decay_epochs, e.g. [30, 60]")
     return config

@@ -96,7 +96,9 @@ def run_federated(config, run_dir: Path, log) -> int:
     cfg = federated.FederatedConfig(
         algorithm=f["algorithm"], local_steps=f["local_steps"], local_batch=f["local_batch"],
         local_lr=o["lr"], weight_decay=o["weight_decay"], beta=o["beta"], grad_samples=f["grad_samples"],
-        mu=f["mu"], server_lr=f["server_lr"], server_momentum=f["server_momentum"],
+        mu=f["mu"], server_optimizer=f["server_optimizer"], server_lr=f["server_lr"],
+        server_momentum=f["server_momentum"], server_beta1=f["server_beta1"],
+        server_beta2=f["server_beta2"], server_epsilon=f["server_epsilon"],
         clients_per_round=f["clients_per_round"], seed=t["seed"])
     cfg.check(len(clients))
     keras.utils.set_random_seed(t["seed"])
