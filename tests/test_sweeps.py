@@ -309,6 +309,54 @@ def test_slurm_job_array_sweep(tmp_path, slurm):
     assert "| 256 |" in result["table"]
 
 
+FEDERATED_SPEC = """
+[sweep]
+name = "{name}"
+base_config = "{repo}/train/configs/fashion_mnist_fedga.toml"
+workers = {workers}
+[fixed]
+model = "mlp"
+train_samples = 600
+validation_samples = 200
+test_samples = 200
+clients = 5
+clients_per_round = 3
+local_steps = 2
+local_batch = 20
+rounds = 2
+eval_rounds = 1
+split = "dirichlet"
+verbose = 0
+[[grid]]
+algorithm = ["scaffold", "fedga"]
+seed = [0]
+"""
+
+
+@pytest.mark.slurm
+def test_slurm_federated_sweep_on_two_workers_equals_one_worker_locally(tmp_path, slurm):
+    """Federated points as a SLURM job array, 2 srun tasks each (clients 0, 2, 4 on rank 0,
+    1, 3 on rank 1), give the rounds that one local worker computes."""
+    runs = tmp_path / "runs"
+    finals = {}
+    for workers, launcher, env in ((2, "slurm", slurm.env()), (1, "local", None)):
+        path = tmp_path / f"fed{workers}.toml"
+        path.write_text(FEDERATED_SPEC.format(name=f"fed{workers}", repo=REPO, workers=workers))
+        run = sweeps_cli("run", path, "--launcher", launcher, "--wait", "--runs-root", runs, env=env)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + slurm.log_tail()
+        for point in sweep_spec.load(path, runs).points:
+            summary = json.loads((point.run_dir / "summary.json").read_text())
+            assert summary["status"] == "finished" and summary["workers"] == workers
+            rows = json.loads((point.run_dir / "metrics.json").read_text())
+            assert [r["round"] for r in rows] == [1, 2]
+            finals[workers, point.params["algorithm"]] = rows[-1]
+    for algorithm in ("scaffold", "fedga"):
+        one, two = finals[1, algorithm], finals[2, algorithm]
+        for key in ("train_loss", "test_loss", "val_loss", "grad_variance"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4), (algorithm, key)
+    assert "| dirichlet(0.1) |" in report(runs / "fed2")["table"]
+
+
 @pytest.mark.slurm
 @pytest.mark.slow  # 3.5 min; tests/test_multinode.py runs the same path on two nodes by default
 def test_slurm_preemption_signal_checkpoints_requeues_and_resumes(tmp_path, slurm):
