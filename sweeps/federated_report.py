@@ -1,7 +1,8 @@
 """The report of a federated sweep: algorithm × client split, test accuracy at the
 final (or best-validation) evaluated round, the setting (lr, β, μ) chosen on
-validation accuracy over the seeds all settings share, and test accuracy against
-communication rounds."""
+validation accuracy over the seeds all settings share, and, per split, test accuracy
+against communication rounds beside the clients' gradient variance V at x (what FedGA
+acts on) against rounds."""
 
 from __future__ import annotations
 
@@ -51,8 +52,11 @@ def collect(run_dirs, at="final"):
             "grad_variance": row.get("grad_variance"),
             "wall_time": history[-1].get("wall_time") if history else None,
         })
-        curves[run_dir.name] = [(r["communications"], r["test_accuracy"]) for r in history
-                                if r.get("test_accuracy") is not None]
+        curves[run_dir.name] = {
+            "accuracy": [(r["communications"], r["test_accuracy"]) for r in history
+                         if r.get("test_accuracy") is not None],
+            "variance": [(r["round"], r["grad_variance"]) for r in history
+                         if r.get("grad_variance") is not None]}
     return rows, curves
 
 
@@ -86,7 +90,11 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     lines += ["", f"Cells: test accuracy (%) at the {epoch} evaluated round, mean ± std over seeds; "
               "the setting is chosen on validation accuracy."]
     if walls:
-        lines.append(f"Wall time per run: median {statistics.median(walls):.0f} s; total "
+        per_algorithm = ", ".join(
+            f"{a} {statistics.median(w):.0f} s" for a in sorted({r["algorithm"] for r in rows})
+            for w in [[r["wall_time"] for r in rows if r["algorithm"] == a and r["status"] == "done"
+                       and r["wall_time"]]] if w)
+        lines.append(f"Wall time per run (median): {per_algorithm}; total "
                      f"{sum(walls) / 3600:.2f} h over {len(walls)} runs.")
     not_done = [r for r in rows if r["status"] != "done"]
     if not_done:
@@ -121,21 +129,29 @@ def _plots(chosen, curves, splits, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def seed_mean(seeds, kind, scale):
+        per_seed = [dict(curves[r["id"]][kind]) for r in seeds]
+        xs = sorted(set.intersection(*(set(c) for c in per_seed)))
+        return xs, [scale * statistics.fmean(c[x] for c in per_seed) for x in xs]
+
     files = []
     for split in splits:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (acc, var) = plt.subplots(1, 2, figsize=(11, 4))
         for (s, algorithm), (_, seeds) in sorted(chosen.items()):
             if s != split:
                 continue
-            per_seed = [dict(curves[r["id"]]) for r in seeds]
-            xs = sorted(set.intersection(*(set(c) for c in per_seed)))
-            ys = [100 * statistics.fmean(c[x] for c in per_seed) for x in xs]
-            ax.plot(xs, ys, marker=".", label=f"{algorithm} (n={len(seeds)})")
-        ax.set_xlabel("communication rounds (FedGA: 2 per round)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"split: {split}")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+            acc.plot(*seed_mean(seeds, "accuracy", 100), marker=".", label=f"{algorithm} (n={len(seeds)})")
+            var.plot(*seed_mean(seeds, "variance", 1), marker=".", label=algorithm)
+        acc.set_xlabel("communication rounds (FedGA: 2 per round)")
+        acc.set_ylabel("test accuracy (%)")
+        acc.set_title(f"split: {split}")
+        var.set_xlabel("round")
+        var.set_ylabel("V at x: mean ‖g_i − ḡ‖² over the participants")
+        var.set_yscale("log")
+        var.set_title("clients' gradient variance")
+        for ax in (acc, var):
+            ax.grid(True, alpha=0.3)
+            ax.legend()
         fig.tight_layout()
         name = "test_accuracy_vs_rounds_" + "".join(ch if ch.isalnum() else "_" for ch in split) + ".png"
         fig.savefig(out / name, dpi=120)

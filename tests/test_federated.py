@@ -318,6 +318,7 @@ beta = [0.01, 0.05]
     assert "| dirichlet(0.1) |" in result["table"] and "| iid |" in result["table"]
     assert "beta=0.01" in result["table"] or "beta=0.05" in result["table"]
     assert len(result["rows"]) == 6 and all(r["status"] == "done" for r in result["rows"])
+    assert "Wall time per run (median): fedavg " in result["table"] and ", fedga " in result["table"]
     for split in ("iid", "dirichlet_0_1_"):
         assert (runs / "fed" / f"test_accuracy_vs_rounds_{split}.png").stat().st_size > 1000
     chosen = result["chosen"]
