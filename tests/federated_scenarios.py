@@ -17,6 +17,9 @@ SCENARIOS = {
     "fedprox_mu0": dict(algorithm="fedprox", local_steps=3, local_batch=4, local_lr=0.2, mu=0.0),
     "fedavg_server_momentum": dict(algorithm="fedavg", local_steps=2, local_batch=5, local_lr=0.2,
                                    server_lr=0.7, server_momentum=0.5, weight_decay=0.01),
+    # one participant a round: on 2 workers, one of them has none and still joins every allreduce
+    "scaffold_one_per_round": dict(algorithm="scaffold", local_steps=3, local_batch=4, local_lr=0.2,
+                                   clients_per_round=1, seed=1),
     "scaffold_server_adam": dict(algorithm="scaffold", local_steps=3, local_batch=4, local_lr=0.2,
                                  server_optimizer="adam", server_lr=0.05, server_beta1=0.8,
                                  server_beta2=0.95, server_epsilon=1e-2),
@@ -43,7 +46,7 @@ def run(name, **overrides):
 
     x, y = data()
     model = build_model("softmax", initial_params("softmax"))
-    cfg = federated.FederatedConfig(clients_per_round=PER_ROUND, seed=5, **{**SCENARIOS[name], **overrides})
+    cfg = federated.FederatedConfig(**{"clients_per_round": PER_ROUND, "seed": 5, **SCENARIOS[name], **overrides})
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     trainer = federated.FederatedTrainer(model, loss, x, y, split(), cfg)
     state = trainer.initial_state()
@@ -58,10 +61,10 @@ def oracle(name):
 
     x, y = data()
     spec = SCENARIOS[name]
-    cfg = federated.FederatedConfig(clients_per_round=PER_ROUND, seed=5, **spec)
+    cfg = federated.FederatedConfig(**{"clients_per_round": PER_ROUND, "seed": 5, **spec})
     trainer = federated.FederatedTrainer.__new__(federated.FederatedTrainer)  # batches only
     trainer.config, trainer.clients = cfg, split()
-    sampled = [federated.sample_clients(r, CLIENTS, PER_ROUND, 5) for r in range(ROUNDS)]
+    sampled = [federated.sample_clients(r, CLIENTS, cfg.clients_per_round, cfg.seed) for r in range(ROUNDS)]
     ocfg = {**spec, "batches": lambda k, r: list(trainer._batches(k, r))}
     return ref.federated_rounds(ref.softmax_regression_grad, initial_params("softmax"), x, y,
                                 split(), sampled, ocfg, ROUNDS)

@@ -30,6 +30,8 @@ def test_scaffold_control_variates_persist_and_match(one_worker):
     state, _ = one_worker["scaffold"]
     _, c_i = fs.oracle("scaffold")
     assert sorted(state.c_clients) == sorted(c_i)  # every client sampled in either round
+    one, _ = one_worker["scaffold_one_per_round"]
+    assert len(one.c_clients) == fs.ROUNDS
     for k in c_i:
         _close(state.c_clients[k], c_i[k])
     assert any(np.abs(v).max() > 1e-3 for v in state.c)
@@ -159,6 +161,9 @@ def test_bad_inputs_are_clear_errors(call, match):
 
 @pytest.mark.horovod
 def test_two_workers_equal_one_worker_and_the_oracle(tmp_path, one_worker):
+    idle = [federated.sample_clients(r, fs.CLIENTS, 1, fs.SCENARIOS["scaffold_one_per_round"]["seed"])[0] % 2
+            for r in range(fs.ROUNDS)]
+    assert set(idle) == {0, 1}  # scaffold_one_per_round leaves each worker idle in some round
     horovodrun(2, ["tests/federated_worker.py", tmp_path])
     for rank in (0, 1):
         result = np.load(tmp_path / f"rank{rank}.npz")
