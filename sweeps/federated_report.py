@@ -84,7 +84,7 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
             what = ", ".join(f"{k}={v:g}" for k, v in zip(SETTING_KEYS, setting) if v or k == "lr")
             cells.append(f"{100 * m:.2f} ± {100 * s:.2f} ({what}, n={len(seeds)})" if m is not None else "–")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
-    lines += _against_fedavg(stats, splits, algorithms)
+    lines += _against_fedavg(chosen, splits, algorithms)
     walls = [r["wall_time"] for r in rows if r["status"] == "done" and r["wall_time"]]
     epoch = "final" if at == "final" else "best-validation"
     lines += ["", f"Cells: test accuracy (%) at the {epoch} evaluated round, mean ± std over seeds; "
@@ -106,20 +106,31 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     return {"rows": rows, "chosen": chosen, "table": table, "plots": files}
 
 
-def _against_fedavg(stats, splits, algorithms):
-    """Each algorithm's mean test accuracy minus FedAvg's on the same split, each at
-    its own chosen setting; ``stats``: (split, algorithm) -> (mean, std)."""
+def _against_fedavg(chosen, splits, algorithms):
+    """Each algorithm's test accuracy minus FedAvg's on the same split and seed (the seed
+    fixes the split and the clients sampled, so the pairs share them), each at its own
+    chosen setting: mean ± std of the paired differences over the seeds both have."""
     others = [a for a in algorithms if a != "fedavg"]
     if "fedavg" not in algorithms or not others:
         return []
     lines = ["", "| split | " + " | ".join(f"{a} − fedavg" for a in others) + " |",
              "|---|" + "---:|" * len(others)]
-    means = {key: m for key, (m, _) in stats.items() if m is not None}
+
+    def by_seed(key):
+        return {r["seed"]: r["test_accuracy"] for r in chosen[key][1] if r["test_accuracy"] is not None}
+
     for split in splits:
-        base = means.get((split, "fedavg"))
-        cells = ["–" if base is None or (split, a) not in means else f"{100 * (means[(split, a)] - base):+.2f}"
-                 for a in others]
+        cells = []
+        for a in others:
+            if (split, "fedavg") not in chosen or (split, a) not in chosen:
+                cells.append("–")
+                continue
+            base, mine = by_seed((split, "fedavg")), by_seed((split, a))
+            diffs = [100 * (mine[s] - base[s]) for s in sorted(set(base) & set(mine))]
+            m, sd = _mean_std(diffs)
+            cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f} (n={len(diffs)})")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    lines.append("Differences: test accuracy points, paired by seed (mean ± std over seeds).")
     return lines
 
 

@@ -333,7 +333,7 @@ beta = [0.01, 0.05]
         return sum(r["test_accuracy"] for r in seeds) / len(seeds)
 
     diff = 100 * (mean("iid", "fedga") - mean("iid", "fedavg"))
-    assert "| fedga − fedavg |" in result["table"] and f"| iid | {diff:+.2f} |" in result["table"]
+    assert "| fedga − fedavg |" in result["table"] and f"| iid | {diff:+.2f} ± 0.00 (n=1) |" in result["table"]
     # A spec that has grown since: the report says it is partial.
     spec.write_text(spec.read_text() + '[[grid]]\nalgorithm = ["fedavg"]\nsplit = ["iid"]\nseed = [1]\n')
     partial = subprocess.run([sys.executable, "-m", "sweeps", "report", str(runs / "fed"), "--spec", str(spec),
@@ -367,3 +367,14 @@ def test_a_tfds_dataset_feeds_federated_rounds(hvd, tmp_path):
     state, metrics = trainer.run_round(start)
     assert metrics["grad_variance"] > 0 and state.round == 1
     assert max(np.abs(a - b).max() for a, b in zip(state.weights, before)) > 0
+
+
+def test_differences_against_fedavg_are_paired_by_seed():
+    from sweeps.federated_report import _against_fedavg
+
+    rows = lambda accs: [{"seed": s, "test_accuracy": a} for s, a in accs.items()]  # noqa: E731
+    chosen = {("iid", "fedavg"): ((0.1,), rows({0: 0.80, 1: 0.70})),
+              ("iid", "fedga"): ((0.1,), rows({0: 0.82, 1: 0.74, 2: 0.10})),  # seed 2 has no pair
+              ("iid", "scaffold"): ((0.1,), rows({5: 0.9}))}
+    lines = _against_fedavg(chosen, ["iid"], ["fedavg", "fedga", "scaffold"])
+    assert "| iid | +3.00 ± 1.41 (n=2) | – |" in lines
