@@ -99,11 +99,32 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     not_done = [r for r in rows if r["status"] != "done"]
     if not_done:
         lines.append(f"Not in the table: {len(not_done)} run(s) not finished; see results.csv.")
+    lines += _every_setting(groups, chosen)
     table = header + "\n".join(lines) + "\n"
     write_text_atomic(out / "table.md", table)
     files = _plots(chosen, curves, splits, out)
     print(table)
     return {"rows": rows, "chosen": chosen, "table": table, "plots": files}
+
+
+def _every_setting(groups, chosen):
+    """Each setting tried, as the choice saw it: validation accuracy over the seeds all of
+    its cell's settings share, test accuracy over its own seeds, the best rounds."""
+    lines = ["", "Every setting (chosen in bold; validation over the seeds the cell's settings share):", "",
+             "| split | algorithm | setting | validation (%) | test (%) | seeds | best round |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for (split, algorithm), settings in sorted(groups.items()):
+        common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))
+        for setting, seeds in sorted(settings.items()):
+            val = _mean_std([r["val_accuracy"] for r in seeds if r["seed"] in common])[0]
+            test = _mean_std([r["test_accuracy"] for r in seeds])[0]
+            what = ", ".join(f"{k}={v:g}" for k, v in zip(SETTING_KEYS, setting) if v or k == "lr")
+            if chosen[(split, algorithm)][0] == setting:
+                what = f"**{what}**"
+            pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+            rounds = ", ".join(str(r["round"]) for r in sorted(seeds, key=lambda r: r["seed"]))
+            lines.append(f"| {split} | {algorithm} | {what} | {pct(val)} | {pct(test)} | {len(seeds)} | {rounds} |")
+    return lines
 
 
 def _against_fedavg(chosen, splits, algorithms):

@@ -280,6 +280,10 @@ def test_entry_point_bad_federated_config_is_an_early_error(tmp_path):
     assert not (tmp_path / "bad" / "config.json").exists()
 
 
+def chosen_beta(result, split):
+    return dict(zip(("lr", "beta", "mu"), result["chosen"][(split, "fedga")][0]))["beta"]
+
+
 def test_federated_sweep_runs_and_reports(tmp_path):
     import subprocess
     import sys
@@ -324,6 +328,9 @@ beta = [0.01, 0.05]
     assert "beta=0.01" in result["table"] or "beta=0.05" in result["table"]
     assert len(result["rows"]) == 6 and all(r["status"] == "done" for r in result["rows"])
     assert "Wall time per run (median): fedavg " in result["table"] and ", fedga " in result["table"]
+    for beta in (0.01, 0.05):
+        assert f"| iid | fedga | {'**' if chosen_beta(result, 'iid') == beta else ''}lr=0.05, beta={beta:g}" \
+            in result["table"]
     for split in ("iid", "dirichlet_0_1_"):
         assert (runs / "fed" / f"test_accuracy_vs_rounds_{split}.png").stat().st_size > 1000
     chosen = result["chosen"]
