@@ -81,7 +81,7 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
                 continue
             setting, seeds = chosen[(split, a)]
             m, s = stats[(split, a)]
-            what = ", ".join(f"{k}={v:g}" for k, v in zip(SETTING_KEYS, setting) if v or k == "lr")
+            what = _setting_label(setting)
             cells.append(f"{100 * m:.2f} ± {100 * s:.2f} ({what}, n={len(seeds)})" if m is not None else "–")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines += _against_fedavg(chosen, splits, algorithms)
@@ -107,6 +107,15 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     return {"rows": rows, "chosen": chosen, "table": table, "plots": files}
 
 
+def _setting_label(setting):
+    """'lr=0.1, beta=0.025': the lr and whichever of β, μ the algorithm uses."""
+    return ", ".join(f"{k}={v:g}" for k, v in zip(SETTING_KEYS, setting) if v or k == "lr")
+
+
+def _pct(value):
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
 def _every_setting(groups, chosen):
     """Each setting tried, as the choice saw it: validation accuracy over the seeds all of
     its cell's settings share, test accuracy over its own seeds, the best rounds."""
@@ -118,12 +127,11 @@ def _every_setting(groups, chosen):
         for setting, seeds in sorted(settings.items()):
             val = _mean_std([r["val_accuracy"] for r in seeds if r["seed"] in common])[0]
             test = _mean_std([r["test_accuracy"] for r in seeds])[0]
-            what = ", ".join(f"{k}={v:g}" for k, v in zip(SETTING_KEYS, setting) if v or k == "lr")
+            what = _setting_label(setting)
             if chosen[(split, algorithm)][0] == setting:
                 what = f"**{what}**"
-            pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
             rounds = ", ".join(str(r["round"]) for r in sorted(seeds, key=lambda r: r["seed"]))
-            lines.append(f"| {split} | {algorithm} | {what} | {pct(val)} | {pct(test)} | {len(seeds)} | {rounds} |")
+            lines.append(f"| {split} | {algorithm} | {what} | {_pct(val)} | {_pct(test)} | {len(seeds)} | {rounds} |")
     return lines
 
 

@@ -38,6 +38,13 @@ def split():
     return federated.split_dirichlet(y, CLIENTS, seed=0, alpha=1.0)
 
 
+def config(name, **overrides):
+    """The scenario's FederatedConfig (PER_ROUND participants and seed 5 unless it says)."""
+    from hvd_gradalign import federated
+
+    return federated.FederatedConfig(**{"clients_per_round": PER_ROUND, "seed": 5, **SCENARIOS[name], **overrides})
+
+
 def run(name, **overrides):
     """(weights after ROUNDS rounds, the trainer) for the library on this worker."""
     import keras
@@ -46,7 +53,7 @@ def run(name, **overrides):
 
     x, y = data()
     model = build_model("softmax", initial_params("softmax"))
-    cfg = federated.FederatedConfig(**{"clients_per_round": PER_ROUND, "seed": 5, **SCENARIOS[name], **overrides})
+    cfg = config(name, **overrides)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     trainer = federated.FederatedTrainer(model, loss, x, y, split(), cfg)
     state = trainer.initial_state()
@@ -61,7 +68,7 @@ def oracle(name):
 
     x, y = data()
     spec = SCENARIOS[name]
-    cfg = federated.FederatedConfig(**{"clients_per_round": PER_ROUND, "seed": 5, **spec})
+    cfg = config(name)
     trainer = federated.FederatedTrainer.__new__(federated.FederatedTrainer)  # batches only
     trainer.config, trainer.clients = cfg, split()
     sampled = [federated.sample_clients(r, CLIENTS, cfg.clients_per_round, cfg.seed) for r in range(ROUNDS)]

@@ -83,7 +83,7 @@ def test_resume_from_state_equals_uninterrupted(one_worker, tmp_path, name):
     from tests.scenarios import build_model, initial_params
 
     x, y = fs.data()
-    cfg = federated.FederatedConfig(clients_per_round=fs.PER_ROUND, seed=5, **fs.SCENARIOS[name])
+    cfg = fs.config(name)
     make = lambda: federated.FederatedTrainer(  # noqa: E731
         build_model("softmax", initial_params("softmax")),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), x, y, fs.split(), cfg)
@@ -107,7 +107,7 @@ def test_skipping_the_variance_pass_leaves_the_round_unchanged(hvd):
     for name in ("fedavg", "fedga"):
         results = {}
         for measure in (True, False):
-            cfg = federated.FederatedConfig(clients_per_round=fs.PER_ROUND, seed=5, **fs.SCENARIOS[name])
+            cfg = fs.config(name)
             trainer = federated.FederatedTrainer(
                 build_model("softmax", initial_params("softmax")),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True), x, y, fs.split(), cfg)
