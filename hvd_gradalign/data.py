@@ -230,6 +230,28 @@ def shard(ds, count: int, rank: int, size: int):
     return ds.shard(size, rank).take(per), per
 
 
+def train_subset(builder, info, validation_samples=0, train_samples=0, subset_seed=-1):
+    """(n, dataset) of the training samples a run uses: the train split less the
+    ``validation_samples`` held out at its end; of those, ``train_samples`` (0 = all),
+    the first ones, or with ``subset_seed >= 0`` a seeded uniform draw (kept in the
+    split's order), so that a result can be checked on more than one subset."""
+    available = info.num_train - validation_samples
+    if available <= 0:
+        raise ValueError(f"validation_samples={validation_samples} leaves no training data "
+                         f"({info.name} has {info.num_train} training samples)")
+    n = train_samples or available
+    if n > available:
+        raise ValueError(f"train_samples={train_samples} exceeds the {available} training samples "
+                         f"available in {info.name} (after validation_samples={validation_samples})")
+    if subset_seed < 0:
+        return n, _split_range(builder, "train", 0, n)
+    if not train_samples:
+        raise ValueError("subset_seed draws train_samples samples at random; set train_samples")
+    chosen = np.sort(np.random.default_rng(subset_seed).choice(available, n, replace=False))
+    images, labels = next(iter(_split_range(builder, "train", 0, available).batch(available)))
+    return n, tf.data.Dataset.from_tensor_slices((tf.gather(images, chosen), tf.gather(labels, chosen)))
+
+
 @dataclass
 class Pipelines:
     train_stream: object         # (start_epoch, skip_batches) -> endless stream of epochs
@@ -242,26 +264,18 @@ class Pipelines:
 
 
 def make_pipelines(name, data_dir, *, rank, size, global_batch, seed, train_samples=0,
-                   validation_samples=0, test_samples=0, augment=False,
+                   validation_samples=0, test_samples=0, augment=False, subset_seed=-1,
                    eval_batch=1000) -> Pipelines:
     """Per-worker input pipelines. Train: per-epoch shuffles that differ across
     epochs and ranks and are reproducible from ``seed`` (so a resumed run sees the
     data an uninterrupted one would have seen), full batches only."""
     builder = get_builder(name, data_dir)
     info = dataset_info(builder)
-    n_train = info.num_train - validation_samples
-    if n_train <= 0:
-        raise ValueError(f"validation_samples={validation_samples} leaves no training data "
-                         f"({name} has {info.num_train} training samples)")
-    if train_samples:
-        if train_samples > n_train:
-            raise ValueError(f"train_samples={train_samples} exceeds the {n_train} training samples "
-                             f"available in {name}")
-        n_train = train_samples
+    n_train, train_ds = train_subset(builder, info, validation_samples, train_samples, subset_seed)
     if global_batch % size:
         raise ValueError(f"global batch {global_batch} does not split into {size} workers")
     local_batch = global_batch // size
-    train, per_worker = shard(_split_range(builder, "train", 0, n_train), n_train, rank, size)
+    train, per_worker = shard(train_ds, n_train, rank, size)
     # The shard is held in memory as stored (uint8 images): an epoch is then a
     # stateless permutation of indices, seeded by (seed, rank, epoch), which
     # tf.data can compute inside the pipeline and a resumed run can recompute.
@@ -291,38 +305,33 @@ def make_pipelines(name, data_dir, *, rank, size, global_batch, seed, train_samp
             stream = stream.skip(skip_batches)
         return stream.prefetch(tf.data.AUTOTUNE)
 
-    def eval_split(split, start, stop):
-        ds, _ = shard(_split_range(builder, split, start, stop), stop - start, rank, size)
+    def evaluated(ds, count):
+        ds, _ = shard(ds, count, rank, size)
         return ds.map(_decode).batch(eval_batch).cache().prefetch(tf.data.AUTOTUNE)
+
+    def eval_split(split, start, stop):
+        return evaluated(_split_range(builder, split, start, stop), stop - start)
 
     validation = (eval_split("train", info.num_train - validation_samples, info.num_train)
                   if validation_samples else None)
     n_test = min(test_samples, info.num_test) if test_samples else info.num_test
     return Pipelines(train_stream, steps, validation, eval_split("test", 0, n_test),
-                     eval_split("train", 0, n_train), info, per_worker * size)
+                     evaluated(train_ds, n_train), info, per_worker * size)
 
 
-def load_arrays(name, data_dir, *, validation_samples=0, train_samples=0, test_samples=0):
+def load_arrays(name, data_dir, *, validation_samples=0, train_samples=0, test_samples=0, subset_seed=-1):
     """Whole splits as float arrays in memory (every worker holds all of them): what
     federated training needs, where clients, not workers, own the samples.
     Returns (info, (x_train, y_train), validation or None, (x_test, y_test))."""
     builder = get_builder(name, data_dir)
     info = dataset_info(builder)
-    n_train = info.num_train - validation_samples
-    if n_train <= 0:
-        raise ValueError(f"validation_samples={validation_samples} leaves no training data")
-    if train_samples:
-        if train_samples > n_train:
-            raise ValueError(f"train_samples={train_samples} exceeds the {n_train} training samples "
-                             f"available in {name}")
-        n_train = train_samples
+    n_train, train_ds = train_subset(builder, info, validation_samples, train_samples, subset_seed)
     n_test = min(test_samples, info.num_test) if test_samples else info.num_test
 
-    def arrays(split, start, stop):
-        ds = _split_range(builder, split, start, stop).map(_decode).batch(stop - start)
-        x, y = next(iter(ds))
+    def arrays(ds, count):
+        x, y = next(iter(ds.map(_decode).batch(count)))
         return x.numpy(), y.numpy()
 
-    validation = (arrays("train", info.num_train - validation_samples, info.num_train)
-                  if validation_samples else None)
-    return info, arrays("train", 0, n_train), validation, arrays("test", 0, n_test)
+    validation = (arrays(_split_range(builder, "train", info.num_train - validation_samples, info.num_train),
+                         validation_samples) if validation_samples else None)
+    return info, arrays(train_ds, n_train), validation, arrays(_split_range(builder, "test", 0, n_test), n_test)

@@ -12,6 +12,7 @@ from pathlib import Path
 from sweeps import launcher as launchers
 from sweeps import state
 from sweeps.spec import load
+from train.config import ConfigError
 
 TODO = (state.PENDING, state.FAILED, state.INTERRUPTED)
 
@@ -26,12 +27,32 @@ def _active():
     return slurm.active_jobs()
 
 
+def _selected(sweep, where):
+    """The points whose grid values match every KEY=VALUE of ``where`` (compared as text,
+    so batch_size=8192 and lr=0.1 read as written)."""
+    wanted = []
+    for item in where:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--where expects KEY=VALUE, got {item!r}")
+        known = {k for p in sweep.points for k in p.params}
+        if key not in known:
+            raise ConfigError(f"--where {item}: {key!r} is not a grid key of {sweep.path}; "
+                              f"grid keys are {sorted(known)}")
+        wanted.append((key, value.strip()))
+    return [p for p in sweep.points
+            if all(key in p.params and str(p.params[key]) == value for key, value in wanted)]
+
+
 def cmd_run(args) -> int:
     sweep = load(args.spec, args.runs_root)
     launcher = launchers.get(args.launcher)
     states = _states(sweep, launcher.active_jobs())
-    todo = [p for p in sweep.points if states[p.id] in TODO]
-    print(f"sweep {sweep.name}: {len(sweep.points)} points, {len(todo)} to run "
+    points = _selected(sweep, args.where)
+    if args.where and not points:
+        raise ConfigError(f"no point of {sweep.path} has {' and '.join(args.where)}")
+    todo = [p for p in points if states[p.id] in TODO]
+    print(f"sweep {sweep.name}: {len(points)} points{' selected' if args.where else ''}, {len(todo)} to run "
           f"({', '.join(f'{n} {s}' for s, n in sorted(Counter(states.values()).items()))})")
     if args.dry_run:
         for p in todo:
@@ -104,6 +125,9 @@ def main(argv=None) -> int:
     r.add_argument("--dry-run", action="store_true", help="print what would run")
     r.add_argument("--wait", action="store_true", help="slurm: wait for the job array to end")
     r.add_argument("--runs-root", help="where sweeps keep their runs (default: <repo>/runs)")
+    r.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="run only the points with this grid value (repeatable), e.g. a launcher "
+                        "of its own for the longest points: --where batch_size=8192")
     s = sub.add_parser("status", help="done, running, failed, interrupted and pending points")
     s.add_argument("spec")
     s.add_argument("--runs-root")
@@ -115,8 +139,6 @@ def main(argv=None) -> int:
                      help="which epoch of each run counts: the last, or the evaluated epoch "
                           "with the best validation accuracy")
     args = p.parse_args(argv)
-    from train.config import ConfigError
-
     try:
         return {"run": cmd_run, "status": cmd_status, "report": cmd_report}[args.command](args)
     except (ConfigError, RuntimeError, FileNotFoundError) as err:

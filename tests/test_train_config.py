@@ -1,5 +1,6 @@
 """Config parsing, LR schedules and data sharding of the training entry point."""
 
+import json
 import math
 
 import numpy as np
@@ -162,3 +163,110 @@ def test_tfds_path_with_mock_cifar10_and_augmentation(tmp_path):
         x, y = next(iter(p.train_stream(0)))
         assert p.info.input_shape == (32, 32, 3) and p.info.num_classes == 10
         assert x.shape == (8, 32, 32, 3) and y.shape == (8,)
+
+
+def _schedule(config, steps_per_epoch):
+    """The learning-rate schedule `python -m train` gives the optimizer."""
+    from train.run import build_optimizer
+
+    return build_optimizer(config, steps_per_epoch, 1).inner_optimizer._learning_rate
+
+
+def test_warmup_ramps_from_zero_to_the_peak_the_optimizer_sees(hvd):
+    # The unscaled lr is the peak: before, the "warmup" started there and did nothing.
+    config = load(["--lr", "0.1", "--lr-scaling", "none", "--warmup-epochs", "2", "--batch-size", "2048",
+                   "--micro-batches", "16"])
+    s = _schedule(config, 4)
+    assert [float(s(i)) for i in (0, 2, 4, 6, 8, 100)] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1, 0.1])
+
+
+def test_warmup_from_the_reference_lr_goyal(hvd):
+    config = load(["--lr", "0.05", "--lr-scaling", "linear", "--batch-size", "512", "--warmup-epochs", "1",
+                   "--warmup-from", "lr"])
+    s = _schedule(config, 10)
+    assert [float(s(i)) for i in (0, 5, 10, 50)] == pytest.approx([0.05, 0.125, 0.2, 0.2])
+
+
+def test_no_warmup_starts_at_the_peak(hvd):
+    s = _schedule(load(["--lr", "0.05", "--lr-scaling", "linear", "--batch-size", "512"]), 10)
+    assert float(s(0)) == pytest.approx(0.2)
+
+
+def test_a_warmup_that_would_not_ramp_is_refused():
+    with pytest.raises(ConfigError, match=r"optim\.warmup_from = 'lr'.*would not ramp up"):
+        load(["--lr-scaling", "none", "--warmup-epochs", "5", "--warmup-from", "lr"])
+    with pytest.raises(ConfigError, match=r"warmup_from = 'upward'; choose one of"):
+        load(["--warmup-from", "upward"])
+
+
+def test_a_warmup_shorter_than_one_update_is_refused(hvd):
+    from train.run import build_optimizer
+
+    with pytest.raises(ConfigError, match=r"warmup_epochs = 0.25 is 0 updates at 1 steps per epoch"):
+        build_optimizer(load(["--warmup-epochs", "0.25"]), 1, 1)
+
+
+def test_runs_without_warmup_keep_their_names_and_warmup_runs_are_renamed():
+    """A run without warmup, or one warming up from lr, computes what it did before
+    `warmup_from` existed, so its name stays; one warming up from zero gets a new one."""
+    import copy
+
+    from sweeps.spec import point_id
+    from train.config import DEFAULTS, run_identity
+
+    config = copy.deepcopy(DEFAULTS)
+    before = copy.deepcopy(config)
+    del before["optim"]["warmup_from"], before["data"]["subset_seed"]
+    assert point_id(config, 1) == point_id(before, 1)
+    config["optim"]["warmup_epochs"] = before["optim"]["warmup_epochs"] = 5.0
+    assert point_id(config, 1) != point_id(before, 1)
+    config["optim"]["warmup_from"] = "lr"  # what a warmup did before, where it ramped
+    assert point_id(config, 1) == point_id(before, 1)
+    config["data"]["subset_seed"] = 3
+    config["data"]["train_samples"] = 100
+    assert "subset_seed" in json.dumps(run_identity(config))
+
+
+def test_subset_seed_needs_train_samples():
+    with pytest.raises(ConfigError, match=r"subset_seed draws data\.train_samples .* set data\.train_samples"):
+        load(["--subset-seed", "1"])
+    with pytest.raises(ConfigError, match=r"data\.subset_seed must be >= 0 .* or -1"):
+        load(["--subset-seed", "-2", "--train-samples", "10"])
+
+
+def _train_eval_images(pipes):
+    return np.concatenate([x for x, _ in pipes.train_eval.as_numpy_iterator()])
+
+
+def test_subset_seed_reads_a_seeded_random_subset_outside_validation():
+    # The split's order is the prepared tfds dataset's (tfds shuffles on preparation).
+    builder = data.get_builder("fashion_mnist")
+    images = next(iter(data._split_range(builder, "train", 0, 60000).batch(60000)))[0].numpy()
+    kw = dict(rank=0, size=1, global_batch=100, seed=0, train_samples=500, validation_samples=5000,
+              test_samples=100)
+    first = _train_eval_images(data.make_pipelines("fashion_mnist", None, **kw))
+    a = _train_eval_images(data.make_pipelines("fashion_mnist", None, subset_seed=0, **kw))
+    b = _train_eval_images(data.make_pipelines("fashion_mnist", None, subset_seed=1, **kw))
+
+    def indices(xs):  # where each image sits in the train split
+        flat = images.reshape(len(images), -1)
+        lookup = {row.tobytes(): i for i, row in enumerate(flat)}
+        return np.array([lookup[np.round(x.reshape(-1) * 255).astype(np.uint8).tobytes()] for x in xs])
+
+    assert np.array_equal(indices(first), np.arange(500))    # without subset_seed: the first ones
+
+    ia, ib = indices(a), indices(b)
+    expected = np.sort(np.random.default_rng(0).choice(55000, 500, replace=False))
+    assert np.array_equal(ia, expected)                      # the documented draw, in split order
+    assert ia.max() < 55000 and ib.max() < 55000             # never the held-out validation
+    assert len(set(ia) & set(ib)) < 50 and ia.max() > 500    # another subset, not the first images
+    again = _train_eval_images(data.make_pipelines("fashion_mnist", None, subset_seed=0, **kw))
+    assert np.array_equal(a, again)
+    # The training stream reads the same subset.
+    pipes = data.make_pipelines("fashion_mnist", None, subset_seed=0, **kw)
+    streamed = np.concatenate([x for x, _ in pipes.train_stream(0).take(5).as_numpy_iterator()])
+    assert set(indices(streamed)) == set(ia)
+    # Federated runs read the same subset.
+    _, (x, _), _, _ = data.load_arrays("fashion_mnist", None, validation_samples=5000, train_samples=500,
+                                       test_samples=100, subset_seed=0)
+    assert np.array_equal(x, a)

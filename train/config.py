@@ -16,13 +16,14 @@ from pathlib import Path
 from hvd_gradalign.federated import ALGORITHMS, SERVER_OPTIMIZERS
 from hvd_gradalign.models import MODELS, NORMS
 from hvd_gradalign.optimizers import INNER_OPTIMIZERS
-from hvd_gradalign.schedules import DECAYS, SCALING_RULES
+from hvd_gradalign.schedules import DECAYS, SCALING_RULES, WARMUP_STARTS, scaled_learning_rate, warmup_start
 
 DEFAULTS = {
     "data": {
         "dataset": "fashion_mnist",   # the embedded default, or any tfds name with data_dir
         "data_dir": "",               # tfds data dir ("" = the embedded dataset's cache)
         "train_samples": 0,           # 0 = the whole train split (minus validation)
+        "subset_seed": -1,            # >= 0: train_samples drawn at random with this seed; -1: the first ones
         "validation_samples": 0,      # held out from the end of the train split
         "test_samples": 0,            # 0 = the whole test split
         "augment": False,             # CIFAR-family crop + flip
@@ -37,7 +38,8 @@ DEFAULTS = {
         "lr": 0.05,                   # base learning rate, tuned at reference_batch
         "reference_batch": 128,
         "lr_scaling": "linear",       # linear | sqrt | none
-        "warmup_epochs": 0.0,
+        "warmup_epochs": 0.0,         # > 0: lr ramps linearly to the peak over these epochs
+        "warmup_from": "zero",        # zero | lr (Goyal et al.: from lr to the scaled peak)
         "decay": "constant",          # constant | step | cosine
         "decay_epochs": [],           # for step decay
         "decay_factor": 0.1,
@@ -93,6 +95,7 @@ CHOICES = {
     "model": tuple(sorted(MODELS)),
     "lr_scaling": SCALING_RULES,
     "decay": DECAYS,
+    "warmup_from": WARMUP_STARTS,
     "norm": ("default",) + NORMS,
     "algorithm": ("none",) + ALGORITHMS,
     "server_optimizer": SERVER_OPTIMIZERS,
@@ -109,7 +112,9 @@ RUN_NEUTRAL = {("train", "resume"), ("train", "verbose"), ("train", "checkpoint_
 
 # Keys added after runs existed, with the value that computes what those runs did: at that
 # value they leave no trace in a run's identity, so adding them renames no run or sweep point.
-ADDED_LATER = {("federated", "server_optimizer"): "sgd", ("federated", "server_beta1"): 0.9,
+ADDED_LATER = {("data", "subset_seed"): -1,
+               ("optim", "warmup_from"): "lr",  # the old warmup; where it could not ramp it is now refused
+               ("federated", "server_optimizer"): "sgd", ("federated", "server_beta1"): 0.9,
                ("federated", "server_beta2"): 0.99, ("federated", "server_epsilon"): 1e-3}
 
 
@@ -120,6 +125,8 @@ def run_identity(config: dict, ignore=()) -> dict:
     defaults), nor do keys added later at their old behaviour's value (ADDED_LATER), so
     that extending the config never renames existing runs and sweep points."""
     skip = RUN_NEUTRAL | set(ignore)
+    if config.get("optim", {}).get("warmup_epochs", 0) == 0:
+        skip.add(("optim", "warmup_from"))  # no warmup: where it would start changes nothing
     federated = config.get("federated", {}).get("algorithm", "none") != "none"
     return {s: {k: v for k, v in keys.items()
                 if (s, k) not in skip and ADDED_LATER.get((s, k), object()) != v}
@@ -252,6 +259,18 @@ def validate(config: dict) -> dict:
                     raise ConfigError(f"federated.{name} must be in [0, 1), got {f[name]}")
             if not f["server_epsilon"] > 0:
                 raise ConfigError(f"federated.server_epsilon must be > 0, got {f['server_epsilon']}")
+    if d["subset_seed"] < -1:
+        raise ConfigError(f"data.subset_seed must be >= 0 (a seeded random subset) or -1 (the first "
+                          f"train_samples), got {d['subset_seed']}")
+    if d["subset_seed"] >= 0 and not d["train_samples"]:
+        raise ConfigError("data.subset_seed draws data.train_samples samples at random, but "
+                          "train_samples = 0 takes the whole split; set data.train_samples")
+    if o["warmup_epochs"] > 0:
+        peak = scaled_learning_rate(o["lr"], t["batch_size"], o["reference_batch"], o["lr_scaling"])
+        try:
+            warmup_start(o["warmup_from"], o["lr"], peak)
+        except ValueError as err:
+            raise ConfigError(f"optim.warmup_from = {o['warmup_from']!r}: {err}") from None
     if o["decay"] == "step" and not o["decay_epochs"]:
         raise ConfigError("optim.decay = 'step' needs optim.decay_epochs, e.g. [30, 60]")
     return config

@@ -91,7 +91,7 @@ def run_federated(config, run_dir: Path, log) -> int:
     rank, workers = hga.rank(), hga.size()
     info, (x, y), validation, (x_test, y_test) = load_arrays(
         d["dataset"], d["data_dir"] or None, validation_samples=d["validation_samples"],
-        train_samples=d["train_samples"], test_samples=d["test_samples"])
+        train_samples=d["train_samples"], test_samples=d["test_samples"], subset_seed=d["subset_seed"])
     clients = _split(config, y, t["seed"])
     cfg = federated.FederatedConfig(
         algorithm=f["algorithm"], local_steps=f["local_steps"], local_batch=f["local_batch"],

@@ -19,13 +19,19 @@ def log(msg):
 
 def build_optimizer(config, steps_per_epoch, workers):
     import hvd_gradalign as hga
-    from hvd_gradalign.schedules import WarmupDecay, scaled_learning_rate
+    from hvd_gradalign.schedules import WarmupDecay, scaled_learning_rate, warmup_start
+    from train.config import ConfigError
 
     o, t = config["optim"], config["train"]
     peak = scaled_learning_rate(o["lr"], t["batch_size"], o["reference_batch"], o["lr_scaling"])
+    warmup_steps = round(o["warmup_epochs"] * steps_per_epoch)
+    if o["warmup_epochs"] > 0 and warmup_steps == 0:
+        raise ConfigError(f"optim.warmup_epochs = {o['warmup_epochs']:g} is 0 updates at {steps_per_epoch} "
+                          f"steps per epoch, so there would be no warmup; use at least "
+                          f"{1 / steps_per_epoch:g} epochs or 0")
+    initial = warmup_start(o["warmup_from"], o["lr"], peak) if warmup_steps else peak
     schedule = WarmupDecay(
-        peak_lr=peak, initial_lr=min(o["lr"], peak),
-        warmup_steps=round(o["warmup_epochs"] * steps_per_epoch), decay=o["decay"],
+        peak_lr=peak, initial_lr=initial, warmup_steps=warmup_steps, decay=o["decay"],
         total_steps=t["epochs"] * steps_per_epoch,
         boundaries=[round(e * steps_per_epoch) for e in o["decay_epochs"]],
         decay_factor=o["decay_factor"])
@@ -112,7 +118,7 @@ def run(config) -> int:
     pipes = make_pipelines(
         d["dataset"], d["data_dir"] or None, rank=rank, size=workers, global_batch=t["batch_size"],
         seed=t["seed"], train_samples=d["train_samples"], validation_samples=d["validation_samples"],
-        test_samples=d["test_samples"], augment=d["augment"])
+        test_samples=d["test_samples"], augment=d["augment"], subset_seed=d["subset_seed"])
     steps = pipes.steps_per_epoch
 
     keras.utils.set_random_seed(t["seed"] * 1000 + rank)
