@@ -8,7 +8,8 @@ The GradAlign step for one update (docs/algorithm.md says why and what is tested
 4. h = mean of all h_j (allreduce #2), which the inner optimizer applies to x.
 
 Micro-batches are processed in a ``tf.while_loop`` so that the traced graph does
-not grow with their number.
+not grow with their number. A local batch of any size n >= 1 works: it is cut into
+min(m, n) slices of near-equal size, and every mean weights a slice by its samples.
 """
 
 from __future__ import annotations
@@ -28,51 +29,38 @@ class GradAlignResult(NamedTuple):
     grad_variance_ratio: tf.Tensor  # V / ‖ḡ‖²
 
 
-def micro_batch_error(batch_size: int, micro_batches: int) -> str | None:
-    """Why a local batch of ``batch_size`` cannot be cut into ``micro_batches`` slices."""
-    if batch_size < micro_batches:
-        return (
-            f"a local batch of {batch_size} samples is smaller than micro_batches="
-            f"{micro_batches}; raise the per-worker batch size or lower micro_batches"
-        )
-    if batch_size % micro_batches:
-        return (
-            f"a local batch of {batch_size} samples does not split into micro_batches="
-            f"{micro_batches} equal slices; use a per-worker batch that is a multiple of "
-            f"micro_batches and batch the data with drop_remainder=True so that the last, "
-            f"partial batch of an epoch is dropped"
-        )
-    return None
-
-
 def first_leaf(data):
     """The first tensor (or spec) of a nest, skipping None; None if there is none."""
     return next((t for t in tf.nest.flatten(data) if t is not None), None)
 
 
-def _micro_batch_size(data, micro_batches: int):
-    first = first_leaf(data)
-    static = first.shape[0]
-    if static is not None:
-        error = micro_batch_error(int(static), micro_batches)
-        if error:
-            raise ValueError(f"GradAlign: {error}.")
-        return int(static) // micro_batches
-    n = tf.shape(first)[0]
-    tf.debugging.assert_equal(
-        n % micro_batches, 0,
-        message=f"GradAlign: a local batch does not split into micro_batches={micro_batches} "
-        "equal slices; batch the data with drop_remainder=True and a per-worker batch "
-        "that is a multiple of micro_batches",
-    )
-    tf.debugging.assert_greater_equal(
-        n, micro_batches, message=f"GradAlign: local batch smaller than micro_batches={micro_batches}"
-    )
-    return n // micro_batches
+def micro_batch_sizes(batch_size: int, micro_batches: int) -> list[int]:
+    """The sizes of the slices a local batch is cut into: min(m, n) consecutive slices
+    whose sizes differ by at most one, the larger ones first."""
+    k = min(micro_batches, batch_size)
+    base, extra = divmod(batch_size, k)
+    return [base + (j < extra) for j in range(k)]
 
 
-def _slice(data, j, b):
-    return tf.nest.map_structure(lambda t: None if t is None else t[j * b:(j + 1) * b], data)
+class _Slices(NamedTuple):
+    count: tf.Tensor   # k = min(m, n)
+    base: tf.Tensor    # n // k
+    extra: tf.Tensor   # n % k: slices 0..extra-1 hold one sample more
+    total: tf.Tensor   # n
+
+    def bounds(self, j):
+        return j * self.base + tf.minimum(j, self.extra), self.base + tf.cast(j < self.extra, tf.int32)
+
+
+def _slices(data, micro_batches: int) -> _Slices:
+    n = tf.shape(first_leaf(data))[0]
+    tf.debugging.assert_positive(n, message="GradAlign: a local batch of 0 samples has no gradient")
+    k = tf.minimum(n, micro_batches)
+    return _Slices(k, n // k, n % k, n)
+
+
+def _slice(data, start, size):
+    return tf.nest.map_structure(lambda t: None if t is None else t[start:start + size], data)
 
 
 def _snapshot(variables):
@@ -105,8 +93,13 @@ def gradalign_gradients(
             ``outputs`` (any nest of tensors, e.g. predictions) is concatenated over
             micro-batches of the first pass and returned.
         variables: the trainable variables (Keras or tf variables).
-        data: this worker's local batch: any nest of tensors with the batch first.
-        micro_batches: m, the number of equal consecutive slices of ``data``.
+        data: this worker's local batch: any nest of tensors with the batch first,
+            of any size n >= 1 (it may differ between steps and workers).
+        micro_batches: m. The batch is cut into k = min(m, n) consecutive slices
+            whose sizes differ by at most one (``micro_batch_sizes``); means over
+            slices and workers weight each slice by its number of samples, so the
+            result is GradAlign on those slices and β = 0 is the gradient of the
+            mean loss over all samples of all workers.
         beta: β (float or scalar tensor).
         state_variables: non-trainable state that the forward pass changes
             (BatchNorm moving statistics, dropout seeds). The second pass starts
@@ -116,97 +109,117 @@ def gradalign_gradients(
     """
     variables = list(variables)
     state_variables = list(state_variables)
-    m = micro_batches
-    b = _micro_batch_size(data, m)
+    slices = _slices(data, micro_batches)
     mdtype = _metric_dtype(variables)
 
     def gradients_on(j):
+        start, size = slices.bounds(j)
         with tf.GradientTape() as tape:
-            loss, outputs = loss_fn(_slice(data, j, b))
-        return loss, outputs, tape.gradient(loss, variables)
+            loss, outputs = loss_fn(_slice(data, start, size))
+        return loss, outputs, tape.gradient(loss, variables), size
 
     x = _snapshot(variables)
     s0 = _snapshot(state_variables)
-    g_stack, loss, outputs = _first_pass(gradients_on, variables, m, mdtype)
-    g_bar, variance, ratio = _mean_gradient_and_variance(g_stack, m, mdtype)
+    g_stack, sizes, loss, outputs = _first_pass(gradients_on, variables, slices, mdtype)
+    g_bar, mean_n, variance, ratio = _mean_gradient_and_variance(g_stack, sizes, slices.total, mdtype)
     if skip_second_pass:
         return GradAlignResult(g_bar, loss, outputs, variance, ratio)
     # Same samples, same random state (dropout draw) as the first pass; the state
     # kept after the step (BatchNorm moving statistics) is the first pass's.
     s1 = _snapshot(state_variables)
     _restore(state_variables, s0)
-    h_local = _second_pass(gradients_on, variables, x, g_stack, g_bar, beta, m)
+    h_sum = _second_pass(gradients_on, variables, x, g_stack, g_bar, beta, slices.count)
     _restore(variables, x)
     _restore(state_variables, s1)
-    return GradAlignResult(distributed.allreduce_mean(h_local), loss, outputs, variance, ratio)
+    h = distributed.allreduce_mean(h_sum)
+    return GradAlignResult([None if t is None else t / tf.cast(mean_n, t.dtype) for t in h],
+                           loss, outputs, variance, ratio)
 
 
-def _first_pass(gradients_on, variables, m, mdtype):
-    """g_j at x for every micro-batch j: ([m, ...] stacked gradients or None per
-    variable, the mean loss, the outputs concatenated over micro-batches)."""
+def _first_pass(gradients_on, variables, slices, mdtype):
+    """g_j at x for every micro-batch j: ([k, ...] stacked gradients or None per
+    variable, the slices' sizes [k], the sample-weighted mean loss, the outputs
+    concatenated over micro-batches)."""
     # Micro-batch 0 runs outside the loop: it tells which variables get no
     # gradient and the shapes of the outputs.
-    loss0, outputs0, grads0 = gradients_on(0)
+    k = slices.count
+    loss0, outputs0, grads0, size0 = gradients_on(0)
     present = [i for i, g in enumerate(grads0) if g is not None]
-    g_tas = [tf.TensorArray(variables[i].dtype, size=m, element_shape=variables[i].shape)
+    g_tas = [tf.TensorArray(variables[i].dtype, size=k, element_shape=variables[i].shape)
              .write(0, tf.convert_to_tensor(grads0[i])) for i in present]
-    out_tas = [tf.TensorArray(leaf.dtype, size=m, element_shape=leaf.shape).write(0, leaf)
+    # Slices of unequal sizes: outputs are concatenated, not stacked.
+    out_tas = [tf.TensorArray(leaf.dtype, size=k, infer_shape=False).write(0, leaf)
                for leaf in tf.nest.flatten(outputs0)]
+    size_ta = tf.TensorArray(tf.int32, size=k).write(0, size0)
 
-    def body(j, loss_sum, g_tas, out_tas):
-        loss, outputs, grads = gradients_on(j)
+    def weighted(loss, size):
+        return tf.cast(loss, mdtype) * tf.cast(size, mdtype)
+
+    def body(j, loss_sum, g_tas, out_tas, size_ta):
+        loss, outputs, grads, size = gradients_on(j)
         g_tas = [ta.write(j, tf.convert_to_tensor(grads[i])) for ta, i in zip(g_tas, present)]
         out_tas = [ta.write(j, leaf) for ta, leaf in zip(out_tas, tf.nest.flatten(outputs))]
-        return j + 1, loss_sum + tf.cast(loss, mdtype), g_tas, out_tas
+        return j + 1, loss_sum + weighted(loss, size), g_tas, out_tas, size_ta.write(j, size)
 
-    _, loss_sum, g_tas, out_tas = tf.while_loop(
-        lambda j, *_: j < m, body, (tf.constant(1), tf.cast(loss0, mdtype), g_tas, out_tas),
+    _, loss_sum, g_tas, out_tas, size_ta = tf.while_loop(
+        lambda j, *_: j < k, body, (tf.constant(1), weighted(loss0, size0), g_tas, out_tas, size_ta),
         parallel_iterations=1,
     )
     g_stack = [None] * len(variables)
     for i, ta in zip(present, g_tas):
         g_stack[i] = ta.stack()
+    def concat_micro_batches(ta, leaf0):
+        out = ta.concat()
+        out.set_shape(tf.TensorShape([None]).concatenate(leaf0.shape[1:]))
+        return out
 
-    def concat_micro_batches(ta):
-        stacked = ta.stack()  # [m, b, ...] -> [m*b, ...]
-        return tf.reshape(stacked, tf.concat([[-1], tf.shape(stacked)[2:]], 0))
-
-    outputs = tf.nest.pack_sequence_as(outputs0, [concat_micro_batches(ta) for ta in out_tas])
-    return g_stack, loss_sum / m, outputs
+    outputs = tf.nest.pack_sequence_as(
+        outputs0, [concat_micro_batches(ta, leaf) for ta, leaf in zip(out_tas, tf.nest.flatten(outputs0))])
+    return g_stack, size_ta.stack(), loss_sum / tf.cast(slices.total, mdtype), outputs
 
 
-def _mean_gradient_and_variance(g_stack, m, mdtype):
-    """Allreduce #1: ḡ over all micro-batches of all workers, with V and V/‖ḡ‖².
+def _weighted_sum(stack, sizes):
+    """Σ_j n_j · stack[j]."""
+    w = tf.reshape(tf.cast(sizes, stack.dtype), tf.concat([[-1], tf.ones([tf.rank(stack) - 1], tf.int32)], 0))
+    return tf.reduce_sum(w * stack, axis=0)
 
-    V = mean_j ‖g_j‖² − ‖ḡ‖² (the same value as mean_j ‖g_j − ḡ‖²) so that the
-    metric rides on this allreduce and costs no extra communication."""
-    g_local = [None if g is None else tf.reduce_mean(g, axis=0) for g in g_stack]
-    sq_local = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, mdtype))) for g in g_stack
-                         if g is not None]) / m
-    reduced = distributed.allreduce_mean(g_local + [sq_local])
-    g_bar, mean_sq = reduced[:-1], reduced[-1]
+
+def _mean_gradient_and_variance(g_stack, sizes, n, mdtype):
+    """Allreduce #1: ḡ over all micro-batches of all workers, each weighted by its
+    samples, with V and V/‖ḡ‖² and the mean local batch size over workers.
+
+    Each worker sends Σ_j n_j g_j, Σ_j n_j ‖g_j‖² and n: their means over workers,
+    divided by the mean n, are ḡ and the sample-weighted mean of ‖g_j‖², so that
+    V = Σ_j (n_j/N) ‖g_j − ḡ‖² = that mean − ‖ḡ‖² rides on this allreduce."""
+    g_sum = [None if g is None else _weighted_sum(g, sizes) for g in g_stack]
+    sq_each = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, mdtype)), axis=tf.range(1, tf.rank(g)))
+                        for g in g_stack if g is not None])
+    sq_sum = tf.reduce_sum(tf.cast(sizes, mdtype) * sq_each)
+    reduced = distributed.allreduce_mean(g_sum + [sq_sum, tf.cast(n, mdtype)])
+    mean_n = reduced[-1]
+    g_bar = [None if g is None else g / tf.cast(mean_n, g.dtype) for g in reduced[:-2]]
     g_bar_sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, mdtype))) for g in g_bar
                          if g is not None])
-    variance = tf.maximum(mean_sq - g_bar_sq, 0.0)
-    return g_bar, variance, tf.math.divide_no_nan(variance, g_bar_sq)
+    variance = tf.maximum(reduced[-2] / mean_n - g_bar_sq, 0.0)
+    return g_bar, mean_n, variance, tf.math.divide_no_nan(variance, g_bar_sq)
 
 
-def _second_pass(gradients_on, variables, x, g_stack, g_bar, beta, m):
-    """This worker's mean of h_j = ∇f_j(x + β(g_j − ḡ)); the variables are left
-    displaced (the caller restores x)."""
+def _second_pass(gradients_on, variables, x, g_stack, g_bar, beta, k):
+    """This worker's Σ_j n_j h_j with h_j = ∇f_j(x + β(g_j − ḡ)); the variables are
+    left displaced (the caller restores x)."""
     def body(j, h_sum):
         for v, x_v, g, gb in zip(variables, x, g_stack, g_bar):
             if g is not None:
                 v.assign(x_v + tf.cast(beta, v.dtype) * (g[j] - gb))
-        _, _, grads = gradients_on(j)
-        return j + 1, [h if g is None else h + tf.convert_to_tensor(g)
+        _, _, grads, size = gradients_on(j)
+        return j + 1, [h if g is None else h + tf.cast(size, h.dtype) * tf.convert_to_tensor(g)
                        for h, g in zip(h_sum, grads)]
 
     h_init = [tf.zeros(v.shape, v.dtype) for v in variables]
     _, h_sum = tf.while_loop(
-        lambda j, *_: j < m, body, (tf.constant(0), h_init), parallel_iterations=1
+        lambda j, *_: j < k, body, (tf.constant(0), h_init), parallel_iterations=1
     )
-    return [h / m if g is not None else None for h, g in zip(h_sum, g_stack)]
+    return [h if g is not None else None for h, g in zip(h_sum, g_stack)]
 
 
 def gradalign_step(loss_fn: Callable, variables, optimizer, data, state_variables=()) -> GradAlignResult:

@@ -25,7 +25,8 @@ import tensorflow as tf
 
 from .callbacks import BroadcastInitialState
 from .optimizers import GradAlign
-from .steps import first_leaf, gradalign_step, micro_batch_error
+from . import distributed
+from .steps import first_leaf, gradalign_step
 
 GRAD_VARIANCE = "grad_variance"
 GRAD_VARIANCE_RATIO = "grad_variance_ratio"
@@ -69,42 +70,44 @@ def keras_gradalign_train_step(model: keras.Model, data, trackers: _AlignmentTra
     return logs
 
 
-def check_fit_input(x, batch_size, micro_batches: int, validation_split: float = 0.0) -> None:
-    """Reject, before training, input whose batches GradAlign cannot split: the
-    batches that ``fit`` will iterate, after it has cut off ``validation_split``."""
+def local_steps(x, batch_size, validation_split: float = 0.0, steps_per_epoch=None):
+    """The number of steps ``fit`` will take per epoch on this worker, or None where
+    it cannot be known before training (a generator, a dataset of unknown size)."""
+    if steps_per_epoch:
+        return int(steps_per_epoch)
     if isinstance(x, tf.data.Dataset):
-        spec = first_leaf(x.element_spec)
-        n = None if spec is None or spec.shape.rank == 0 else spec.shape[0]
-        if n is None:
-            raise ValueError(
-                "GradAlign needs every local batch to split into micro_batches="
-                f"{micro_batches} equal slices, but this dataset's batch size is not fixed "
-                "(its last batch may be partial). Batch it with "
-                "dataset.batch(per_worker_batch, drop_remainder=True)."
-            )
-        error = micro_batch_error(int(n), micro_batches)
-        if error:
-            raise ValueError(f"GradAlign: {error}.")
-        return
+        n = int(x.cardinality())
+        return n if n >= 0 else None
+    if isinstance(x, keras.utils.PyDataset):
+        try:
+            return len(x)
+        except (TypeError, NotImplementedError):
+            return None
     first = first_leaf(x)
-    if first is None or not hasattr(first, "shape") or isinstance(x, keras.utils.PyDataset):
-        return  # generators and PyDatasets are checked at the first step
-    bs = 32 if batch_size is None else int(batch_size)
-    error = micro_batch_error(bs, micro_batches)
-    if error:
-        raise ValueError(f"GradAlign: {error}.")
+    if first is None or not hasattr(first, "shape"):
+        return None
     total = int(first.shape[0])
     # Keras' own rule (keras.src.trainers.data_adapters.data_adapter_utils.train_validation_split).
     n = int(math.floor(total * (1.0 - validation_split))) if validation_split else total
-    if n % bs:
-        split = (f" ({total} samples minus validation_split={validation_split:g} leave {n} "
-                 "to train on)") if validation_split else ""
-        raise ValueError(
-            f"GradAlign: {n} training samples with batch_size={bs} leave a last batch of "
-            f"{n % bs} samples{split}, which does not split into micro_batches={micro_batches}. "
-            f"Train on a multiple of {bs} samples (drop {n % bs}) or pass a tf.data.Dataset "
-            "batched with drop_remainder=True."
-        )
+    return math.ceil(n / (32 if batch_size is None else int(batch_size)))
+
+
+def check_equal_steps(steps) -> None:
+    """Refuse, before training, workers that would take different numbers of steps per
+    epoch: the first to run out of batches would leave the others waiting for ever in
+    an allreduce. Collective: every worker calls it at the start of fit."""
+    if distributed.size() == 1:
+        return
+    known, count, square = distributed.allreduce_mean_numpy(
+        [steps is not None, steps or 0, (steps or 0) ** 2])
+    if known < 1.0 or square == count ** 2:
+        return  # all equal (the mean of the squares is the square of the mean), or unknowable
+    raise ValueError(
+        f"the {distributed.size()} workers would take different numbers of steps per epoch (this "
+        f"worker {steps}, {count:g} on average): the first to run out of batches would leave the "
+        "others waiting for ever. Give every worker the same number of samples (drop the "
+        "remainder when sharding, as hvd_gradalign.data.shard does) or pass the same "
+        "steps_per_epoch to fit on every worker.")
 
 
 def _trackers(model) -> _AlignmentTrackers:
@@ -180,9 +183,8 @@ def install() -> None:
             _build_from_input(self, bound.get("x"))
         if horovod:
             _no_xla(self)
-        if isinstance(self.optimizer, GradAlign):
-            check_fit_input(bound.get("x"), bound.get("batch_size"), self.optimizer.micro_batches,
-                            bound.get("validation_split") or 0.0)
+            check_equal_steps(local_steps(bound.get("x"), bound.get("batch_size"),
+                                          bound.get("validation_split") or 0.0, bound.get("steps_per_epoch")))
         return stock_fit(self, *args, **kwargs)
 
     def reset_metrics(self):

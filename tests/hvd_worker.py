@@ -24,6 +24,11 @@ def main(out_dir):
             results[f"{name}/w{i}"] = w
         for key, values in history.items():
             results[f"{name}/history/{key}"] = np.asarray(values)
+    for name in scenarios.UNEVEN:
+        weights, history = scenarios.run_uneven(name, hga.rank(), hga.size())
+        for i, w in enumerate(weights):
+            results[f"{name}/w{i}"] = w
+        results[f"{name}/history/grad_variance"] = np.asarray(history["grad_variance"])
     np.savez(os.path.join(out_dir, f"rank{hga.rank()}.npz"), **results)
 
 

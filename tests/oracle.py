@@ -41,15 +41,22 @@ def least_squares_grad(params, x, y):
 
 
 def gradalign_direction(grad_fn, params, micro_batches, beta):
-    """h = mean_j ∇f_j(x + β(g_j − ḡ)) and V = mean_j ‖g_j − ḡ‖²."""
+    """h = Σ_j w_j ∇f_j(x + β(g_j − ḡ)) and V = Σ_j w_j ‖g_j − ḡ‖², with ḡ = Σ_j w_j g_j and
+    w_j = n_j / N, micro-batch j's share of the samples (1/M when all are equal)."""
+    w = np.array([len(yj) for _, yj in micro_batches], dtype=np.float64)
+    w /= w.sum()
+
+    def mean(values):
+        return np.tensordot(w, np.array(values), axes=1)
+
     g = [grad_fn(params, xj, yj)[1] for xj, yj in micro_batches]
-    g_bar = [np.mean([gj[i] for gj in g], axis=0) for i in range(len(params))]
-    variance = np.mean([sum(np.sum((gj[i] - g_bar[i]) ** 2) for i in range(len(params))) for gj in g])
+    g_bar = [mean([gj[i] for gj in g]) for i in range(len(params))]
+    variance = mean([sum(np.sum((gj[i] - g_bar[i]) ** 2) for i in range(len(params))) for gj in g])
     h = []
     for (xj, yj), gj in zip(micro_batches, g):
         displaced = [p + beta * (gji - gbi) for p, gji, gbi in zip(params, gj, g_bar)]
         h.append(grad_fn(displaced, xj, yj)[1])
-    h_bar = [np.mean([hj[i] for hj in h], axis=0) for i in range(len(params))]
+    h_bar = [mean([hj[i] for hj in h]) for i in range(len(params))]
     sq = sum(np.sum(gb**2) for gb in g_bar)
     return h_bar, variance, variance / sq
 

@@ -114,3 +114,64 @@ def oracle(name):
     m = M_TOTAL if isinstance(m_total, int) else 1  # β = 0: micro-batching changes nothing
     return ref.train(grad_fn, initial_params(kind), x, y, GLOBAL_BATCH, m, betas,
                      ref.SGD(lrs[0], spec.get("momentum", 0.0)), lrs=lrs)
+
+
+# Batches that do not split evenly (any batch fit gives GradAlign): the samples each
+# worker holds, a local batch of 8 and 3 micro-batches per worker. One worker: batches
+# 8, 8, 8, 3 cut into slices [3, 3, 2] and [1, 1, 1]; two workers: 14 samples (batches
+# 8, 6) and 10 (batches 8, 2: slices [3, 3, 2] and [1, 1]), so the workers' batches
+# differ in size in the second step.
+UNEVEN = {
+    "uneven_ga": dict(lr=0.25, momentum=0.5, beta=0.5),
+    "uneven_beta0": dict(lr=0.25, momentum=0.5, beta=0.0),
+}
+UNEVEN_SAMPLES = {1: [27], 2: [14, 10]}
+UNEVEN_BATCH, UNEVEN_M = 8, 3
+
+
+def uneven_local(rank, size):
+    x, y = data(seed=7)
+    counts = UNEVEN_SAMPLES[size]
+    start = sum(counts[:rank])
+    return x[start:start + counts[rank]], y[start:start + counts[rank]]
+
+
+def run_uneven(name, rank, size):
+    import keras
+
+    import hvd_gradalign as hga
+
+    params = initial_params("mlp", seed=1 if rank == 0 else 100 + rank)
+    model = build_model("mlp", params)
+    # The loss in float64 too (Keras computes losses in floatx, float32, by default).
+    model.compile(optimizer=make_optimizer(UNEVEN[name], UNEVEN_M),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"))
+    x, y = uneven_local(rank, size)
+    history = model.fit(x, y, batch_size=UNEVEN_BATCH, epochs=1, shuffle=False, verbose=0,
+                        callbacks=hga.callbacks())
+    return model.get_weights(), history.history
+
+
+def oracle_uneven(name, size):
+    """The oracle's weights and per-update V: every step's micro-batches over all workers,
+    each cut as hvd_gradalign.steps.micro_batch_sizes cuts a local batch."""
+    from hvd_gradalign.steps import micro_batch_sizes
+    from tests import oracle as ref
+
+    spec = UNEVEN[name]
+    # fit hands the model float64 arrays as floatx (float32): the oracle reads what it read.
+    local = [(x.astype(np.float32).astype(np.float64), y) for x, y in (uneven_local(r, size) for r in range(size))]
+    steps = -(-UNEVEN_SAMPLES[size][0] // UNEVEN_BATCH)
+    params, opt, variances = initial_params("mlp"), ref.SGD(spec["lr"], spec["momentum"]), []
+    for t in range(steps):
+        slices = []
+        for x, y in local:
+            xb, yb = x[t * UNEVEN_BATCH:(t + 1) * UNEVEN_BATCH], y[t * UNEVEN_BATCH:(t + 1) * UNEVEN_BATCH]
+            start = 0
+            for n in micro_batch_sizes(len(yb), UNEVEN_M):
+                slices.append((xb[start:start + n], yb[start:start + n]))
+                start += n
+        h, v, _ = ref.gradalign_direction(ref.mlp_grad, params, slices, spec["beta"])
+        variances.append(v)
+        params = opt.step(params, h)
+    return params, variances

@@ -93,3 +93,58 @@ def test_metric_average_makes_ranks_agree(two_workers):
     """Each rank's local loss differs; MetricAverage reports the global mean on all ranks."""
     losses = [two_workers[r]["ga_mlp_sgd/history/loss"][-1] for r in (0, 1)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+# Any batch fit gives GradAlign: micro-batches of unequal size, workers with unequal batches.
+
+def test_micro_batch_sizes_differ_by_at_most_one():
+    from hvd_gradalign.steps import micro_batch_sizes
+
+    assert micro_batch_sizes(120, 4) == [30] * 4
+    assert micro_batch_sizes(8, 3) == [3, 3, 2]
+    assert micro_batch_sizes(2, 3) == [1, 1]
+    for n in range(1, 40):
+        for m in range(1, 9):
+            sizes = micro_batch_sizes(n, m)
+            assert sum(sizes) == n and len(sizes) == min(m, n) and max(sizes) - min(sizes) <= 1
+
+
+@pytest.fixture(scope="module")
+def uneven_one_worker(hvd):
+    return {name: scenarios.run_uneven(name, rank=0, size=1) for name in scenarios.UNEVEN}
+
+
+@pytest.mark.parametrize("name", list(scenarios.UNEVEN))
+def test_uneven_micro_batches_one_worker_match_oracle(uneven_one_worker, name):
+    weights, history = uneven_one_worker[name]
+    expected, variances = scenarios.oracle_uneven(name, 1)
+    assert_weights_close(weights, expected, atol=1e-12)
+    np.testing.assert_allclose(history["grad_variance"][-1], np.mean(variances), rtol=1e-6)
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("name", list(scenarios.UNEVEN))
+def test_uneven_batches_two_workers_match_oracle(two_workers, name):
+    expected, variances = scenarios.oracle_uneven(name, 2)
+    for rank in (0, 1):
+        assert_weights_close(weights_of(two_workers[rank], name), expected, atol=1e-12)
+        np.testing.assert_allclose(two_workers[rank][f"{name}/history/grad_variance"][-1], np.mean(variances),
+                                   rtol=1e-6)
+
+
+def test_uneven_oracle_weights_by_samples():
+    """β = 0 on unequal slices is plain mini-batch SGD on the union of the workers'
+    batches; weighting the slices equally instead would not be."""
+    from tests import oracle as ref
+
+    for size in (1, 2):
+        params, _ = scenarios.oracle_uneven("uneven_beta0", size)
+        local = [scenarios.uneven_local(r, size) for r in range(size)]
+        b, plain, opt = scenarios.UNEVEN_BATCH, scenarios.initial_params("mlp"), ref.SGD(0.25, 0.5)
+        for t in range(-(-scenarios.UNEVEN_SAMPLES[size][0] // b)):
+            xs = np.concatenate([x[t * b:(t + 1) * b] for x, _ in local]).astype(np.float32).astype(np.float64)
+            ys = np.concatenate([y[t * b:(t + 1) * b] for _, y in local])
+            plain = opt.step(plain, ref.mlp_grad(plain, xs, ys)[1])
+        assert_weights_close(params, plain, atol=1e-12)
+    with_beta, _ = scenarios.oracle_uneven("uneven_ga", 2)
+    assert max(np.abs(a - b).max() for a, b in zip(with_beta, params)) > 1e-4

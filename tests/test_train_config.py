@@ -64,12 +64,12 @@ def test_command_line_errors():
         load(["--config", "/nonexistent.toml"])
 
 
-def test_batch_must_split_into_workers_and_micro_batches():
-    config = load(["--batch-size", "100", "--micro-batches", "4"])
-    with pytest.raises(ConfigError, match=r"does not split into 2 workers × 4 micro-batches \(8\); use a multiple of 8, e.g. 96 or 104"):
-        check_batch_split(config, 2)
-    check_batch_split(load(["--batch-size", "96", "--micro-batches", "4"]), 2)
-    check_batch_split(load(["--batch-size", "98", "--optimizer", "sgd", "--log-alignment", "false"]), 2)
+def test_batch_must_split_into_workers_micro_batches_need_not():
+    with pytest.raises(ConfigError, match=r"global batch 101 does not split into 2 workers; use a multiple of 2, e.g. 100 or 102"):
+        check_batch_split(load(["--batch-size", "101"]), 2)
+    check_batch_split(load(["--batch-size", "100", "--micro-batches", "4"]), 2)  # 50 = 13 + 13 + 12 + 12
+    with pytest.raises(ConfigError, match=r"local batch 150 .* not a multiple of optim.micro_batch_size = 64"):
+        check_batch_split(load(["--batch-size", "300", "--micro-batch-size", "64"]), 2)
 
 
 def test_lr_scaling_rules():

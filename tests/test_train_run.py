@@ -112,12 +112,15 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path):
 
 def test_sgd_baseline_and_config_errors_exit_early(tmp_path):
     proc = run_train(tmp_path / "sgd", "--epochs", "1", "--optimizer", "sgd", "--inner", "adam",
-                     "--lr", "0.001")
+                     "--lr", "0.001", "--lr-scaling", "none", "--warmup-epochs", "2", "--subset-seed", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads((tmp_path / "sgd" / "metrics.json").read_text())[-1]
     assert row["beta"] == 0.0 and row["grad_variance"] > 0
-    bad = run_train(tmp_path / "bad", "--batch-size", "255")
-    assert bad.returncode == 2 and "does not split into 1 workers × 2 micro-batches" in bad.stderr
+    # 8 of the 16 warmup updates done: the optimizer is at half the (unscaled) peak.
+    assert row["lr"] == pytest.approx(0.0005, rel=1e-6)
+    assert json.loads((tmp_path / "sgd" / "config.json").read_text())["data"]["subset_seed"] == 3
+    bad = run_train(tmp_path / "bad", "--batch-size", "256", "--micro-batch-size", "100")
+    assert bad.returncode == 2 and "not a multiple of optim.micro_batch_size = 100" in bad.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 

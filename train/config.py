@@ -290,18 +290,18 @@ def micro_batches_per_worker(config: dict, workers: int) -> int:
 
 
 def check_batch_split(config: dict, workers: int) -> None:
-    """The global batch must split into workers × micro-batches (say so before training)."""
+    """The global batch must split into equal local batches, one per worker (say so
+    before training). Each local batch is then cut into micro-batches of near-equal
+    size, so their number need not divide it; micro_batch_size must."""
     if config["federated"]["algorithm"] != "none":
         return  # rounds of clients, not global batches
-    gb, m = config["train"]["batch_size"], micro_batches_per_worker(config, workers)
-    uses_micro = config["optim"]["optimizer"] == "gradalign" or config["optim"]["log_alignment"]
-    unit = workers * (m if uses_micro else 1)
-    if gb % unit:
-        what = f"{workers} workers × {m} micro-batches" if uses_micro else f"{workers} workers"
-        lower = gb - gb % unit
+    gb = config["train"]["batch_size"]
+    micro_batches_per_worker(config, workers)
+    if gb % workers:
+        lower = gb - gb % workers
         raise ConfigError(
-            f"global batch {gb} does not split into {what} ({unit}); use a multiple of {unit}, "
-            f"e.g. {lower or unit} or {lower + unit}")
+            f"global batch {gb} does not split into {workers} workers; use a multiple of {workers}, "
+            f"e.g. {lower or workers} or {lower + workers}")
 
 
 def build_parser() -> argparse.ArgumentParser:
