@@ -212,3 +212,31 @@ def test_worker_death_ends_the_run_in_bounded_time(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_an_epoch_cut_short_by_a_signal_is_not_evaluated(tmp_path):
+    """The checkpoint of an interrupted epoch must not wait for validation and test
+    evaluation: horovodrun kills the workers 5 s after forwarding SIGTERM."""
+    from train.recorder import Evaluation, RunRecorder
+
+    class Model:
+        evaluated = 0
+
+        def evaluate(self, data, **kwargs):
+            Model.evaluated += 1
+            return {"accuracy": 0.5}
+
+    guard = hga.StepGuard(install_signal_handlers=False)
+    recorder = RunRecorder(tmp_path, guard, [], every=1, epochs=3, steps_per_epoch=8)
+    evaluation = Evaluation({"test": object()}, every=1, epochs=3, cut_short=recorder.cut_short)
+    evaluation.set_model(Model())
+    logs = {}
+    evaluation.on_epoch_end(0, logs)                      # a whole epoch: evaluated
+    assert Model.evaluated == 1 and logs["test_accuracy"] == 0.5
+    guard.interrupted_at = (1, 3)                          # stopped after 3 of 8 batches
+    logs = {}
+    evaluation.on_epoch_end(1, logs)
+    assert Model.evaluated == 1 and logs == {}
+    guard.interrupted_at = (2, 8)                          # at the epoch's last batch: whole
+    evaluation.on_epoch_end(2, logs)
+    assert Model.evaluated == 2

@@ -48,17 +48,21 @@ class Evaluation(keras.callbacks.Callback):
     every epoch would cost more than training; epochs without an evaluation carry
     no such keys."""
 
-    def __init__(self, datasets: dict, every: int = 1, epochs: int = 0):
+    def __init__(self, datasets: dict, every: int = 1, epochs: int = 0, cut_short=lambda epoch: False):
         super().__init__()
         self.datasets = {k: v for k, v in datasets.items() if v is not None}
         self.every = every
         self.epochs = epochs
+        self.cut_short = cut_short
 
     def due(self, epoch) -> bool:
         return (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.due(epoch):
+        # An epoch a signal cut short is checkpointed and finished after resuming: its
+        # metrics are never recorded, and evaluating it would delay the checkpoint past
+        # the grace period a scheduler or horovodrun gives (horovodrun kills after 5 s).
+        if not self.due(epoch) or self.cut_short(epoch):
             return
         for prefix, data in self.datasets.items():
             results = self.model.evaluate(data, verbose=0, return_dict=True)
@@ -90,6 +94,10 @@ class RunRecorder(keras.callbacks.Callback):
             return self.steps
         # Keras counts a resumed epoch's batches from 0: add those done before.
         return interrupted[1] + (self.resume_at[1] if epoch == self.resume_at[0] else 0)
+
+    def cut_short(self, epoch) -> bool:
+        """A signal stopped ``epoch`` before its last batch."""
+        return self._batches_done(epoch) < self.steps
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.diverged:

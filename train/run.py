@@ -135,7 +135,8 @@ def run(config) -> int:
     evaluated = {"val": pipes.validation, "test": pipes.test,
                  "train_eval": pipes.train_eval if t["eval_train"] else None}
     callbacks = [hga.BroadcastInitialState(), EpochStats(t["batch_size"], start.wall_time),
-                 Evaluation(evaluated, t["eval_every"], t["epochs"]), hga.MetricAverage(), guard, recorder]
+                 Evaluation(evaluated, t["eval_every"], t["epochs"], recorder.cut_short), hga.MetricAverage(),
+                 guard, recorder]
     if rank == 0:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")))
     t0 = time.perf_counter()
