@@ -58,18 +58,22 @@ def _from_run_files(run_dir: Path, summary: dict) -> str:
     return FAILED
 
 
-def point_state(run_dir, active_jobs=frozenset()) -> str:
+def point_state(run_dir, active_jobs=frozenset(), wanted=None) -> str:
     """done | failed | running | interrupted | pending.
 
     ``active_jobs``: SLURM job ids (array task ids, '123_4') the scheduler still
     has queued or running. A point whose launcher says 'running' is running only
     while its launcher is: a SLURM task the scheduler still knows, or a local
     launcher process that is alive. Otherwise the run's own files decide: a
-    checkpoint to resume from makes it interrupted, nothing makes it failed."""
+    checkpoint to resume from makes it interrupted, nothing makes it failed.
+    ``wanted``: the epochs (rounds) the point asks for; a run that finished fewer (a
+    point whose budget was raised) is interrupted: re-running continues it."""
     run_dir = Path(run_dir)
     summary = read_json(run_dir / "summary.json") or {}
     if summary.get("status") == "finished":
-        return DONE
+        if wanted is None or summary.get("epochs_done", 0) >= wanted:
+            return DONE
+        summary = {**summary, "status": "interrupted"}
     launcher = read_json(run_dir / "launcher.json") or {}
     state = launcher.get("state")
     if state in ("running", "submitted"):
@@ -77,7 +81,7 @@ def point_state(run_dir, active_jobs=frozenset()) -> str:
         if (job is not None and job in active_jobs) or (job is None and _alive(launcher)):
             return RUNNING
         return _from_run_files(run_dir, summary)
-    if state == "exited":
+    if state == "exited" or summary.get("status") == "interrupted":
         return _from_run_files(run_dir, summary)
     if (run_dir / "checkpoints" / "LATEST").exists():
         return INTERRUPTED

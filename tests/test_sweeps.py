@@ -165,6 +165,11 @@ def test_point_state_comes_from_what_the_run_wrote(tmp_path):
     for name, (launcher, summary, ckpt, expected) in cases.items():
         run_dir = _fake_point(tmp_path / name, launcher=launcher, summary=summary, checkpoint=ckpt)
         assert state.point_state(run_dir, {"7_1"}) == expected, name
+    # A finished run whose point now asks for more epochs is continued, not done.
+    finished = _fake_point(tmp_path / "raised_budget", launcher={"state": "exited", "returncode": 0},
+                           summary={"status": "finished", "epochs_done": 150}, checkpoint=True)
+    assert state.point_state(finished, wanted=150) == state.DONE
+    assert state.point_state(finished, wanted=300) == state.INTERRUPTED
 
 
 @pytest.mark.parametrize("signum,to_group", [("SIGINT", True), ("SIGTERM", False)],
