@@ -28,7 +28,7 @@ COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size
            "micro_batches", "micro_batch_size", "lr", "lr_scaling", "warmup_epochs", "beta", "seed",
            "epochs", "epochs_done", "epoch", "train_accuracy", "train_loss", "val_accuracy",
            "test_accuracy", "test_loss", "grad_variance", "grad_variance_ratio", "images_per_sec",
-           "wall_time"]
+           "wall_time", "train_samples", "subset_seed", "warmup_from"]
 SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta")
 AT = ("final", "best_val")
 
@@ -86,6 +86,8 @@ def collect(runs_dir, at="final") -> list[dict]:
             "grad_variance_ratio": row.get("grad_variance_ratio"),
             "images_per_sec": statistics.median(ips) if ips else None,
             "wall_time": history[-1].get("wall_time") if history else None,
+            "train_samples": d.get("train_samples", 0), "subset_seed": d.get("subset_seed", -1),
+            "warmup_from": o.get("warmup_from", "lr") if o["warmup_epochs"] else "",
         })
         if summary.get("status") == "diverged":
             rows[-1]["status"] = "diverged"
@@ -130,6 +132,18 @@ def select(rows):
             best = _best_setting(settings, "train_loss", min)
             chosen[key] = (best, settings[best], "training loss (no validation split)")
     return chosen
+
+
+def apply_choice(rows, chosen, subset):
+    """The settings ``chosen`` (on another subset) with this subset's finished seeds."""
+    out = {}
+    for (b, o), (setting, _, criterion) in chosen.items():
+        seeds = [r for r in rows if r["status"] == "done" and r["subset_seed"] == subset
+                 and (r["batch_size"], r["optimizer"]) == (b, o)
+                 and tuple(r[k] for k in SETTING_KEYS) == setting]
+        if seeds:
+            out[(b, o)] = (setting, seeds, criterion)
+    return out
 
 
 def _gap(r):
@@ -306,9 +320,21 @@ def report(runs_dir, out=None, at="final", header="") -> dict:
     if not rows:
         raise FileNotFoundError(f"no runs (folders with config.json or point.toml) in {runs_dir}")
     write_csv_atomic(out / "results.csv", rows, COLUMNS)
-    chosen = select(rows)
+    # Several training subsets (data.subset_seed): settings are chosen on the first and
+    # applied unchanged to the others, which play no part in any choice.
+    subsets = sorted({r["subset_seed"] for r in rows})
+    chosen = select([r for r in rows if r["subset_seed"] == subsets[0]])
     table = markdown_table(rows, chosen, at) if chosen else "No finished points yet.\n"
     recovery = recovery_table(chosen) if chosen else ""
+    if len(subsets) > 1:
+        table = f"### subset_seed {subsets[0]} (every setting chosen here)\n\n" + table
+        recovery = f"subset_seed {subsets[0]}:\n\n" + recovery if recovery else ""
+        for subset in subsets[1:]:
+            applied = apply_choice(rows, chosen, subset)
+            table += (f"\n### subset_seed {subset} (the settings chosen on subset_seed {subsets[0]})\n\n"
+                      + (markdown_table(rows, applied, at) if applied else "No finished points yet.\n"))
+            if applied:
+                recovery += f"\nsubset_seed {subset}:\n\n" + recovery_table(applied)
     per = defaultdict(list)
     for r in rows:
         if r["status"] == "done" and r["wall_time"]:

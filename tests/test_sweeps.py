@@ -278,6 +278,31 @@ def test_report_selects_on_validation_not_test(tmp_path):
     assert "70.00 ± 0.00" in result["table"] and "lr=0.1" in result["table"]
 
 
+def test_report_chooses_on_the_first_subset_and_applies_it_to_the_second(tmp_path):
+    """On subset B the lr that validates best is 0.2; the report must still show the lr
+    chosen on subset A (0.1): subset B plays no part in any choice."""
+    runs = tmp_path / "runs"
+    points = [(0, 0.1, 0.90, 0.70), (0, 0.2, 0.80, 0.95), (1, 0.1, 0.70, 0.60), (1, 0.2, 0.99, 0.99)]
+    for i, (subset, lr, val, test) in enumerate(points):
+        d = runs / f"p{i}"
+        d.mkdir(parents=True)
+        config = {"data": {"dataset": "x", "train_samples": 100, "subset_seed": subset}, "model": {"model": "mlp"},
+                  "optim": {"optimizer": "sgd", "inner": "sgd", "micro_batches": 1, "lr": lr,
+                            "lr_scaling": "none", "warmup_epochs": 0.0, "beta": 0.0},
+                  "train": {"batch_size": 64, "seed": 0, "epochs": 1}}
+        (d / "config.json").write_text(json.dumps(config))
+        (d / "summary.json").write_text(json.dumps({"status": "finished"}))
+        (d / "metrics.json").write_text(json.dumps([{"epoch": 1, "accuracy": 0.9, "loss": 0.3,
+                                                     "val_accuracy": val, "test_accuracy": test,
+                                                     "images_per_sec": 1.0, "grad_variance": 1.0}]))
+    result = report(runs)
+    a, b = result["table"].split("### subset_seed 1")
+    assert "### subset_seed 0 (every setting chosen here)" in a and "70.00 ± 0.00" in a and "lr=0.1" in a
+    assert "60.00 ± 0.00" in b and "lr=0.1" in b and "99.00" not in b
+    rows = list(csv.DictReader(open(runs / "results.csv")))
+    assert sorted(r["subset_seed"] for r in rows) == ["0", "0", "1", "1"]
+
+
 # ---- a real SLURM scheduler ------------------------------------------------
 
 @pytest.fixture(scope="module")
