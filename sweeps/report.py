@@ -267,37 +267,40 @@ def plots(rows, chosen, out: Path) -> list[Path]:
 
 
 def _beta_curve(rows, chosen, out, plt):
-    """Test and validation accuracy against β at the largest batch, at the learning
-    rate selected for GradAlign there; β = 0 is the SGD point at that rate."""
-    ga_batches = [b for b, o in chosen if o == "gradalign"]
-    if not ga_batches:
+    """Test and validation accuracy against β at every batch where GradAlign ran, at the
+    learning rate selected for GradAlign there; β = 0 is the SGD point at that rate."""
+    ga_batches = sorted(b for b, o in chosen if o == "gradalign")
+    panels = []
+    for b in ga_batches:
+        setting = dict(zip(SETTING_KEYS, chosen[(b, "gradalign")][0]))
+        same = lambda r: (r["batch_size"] == b and r["status"] == "done" and r["lr"] == setting["lr"]
+                          and r["warmup_epochs"] == setting["warmup_epochs"]
+                          and r["subset_seed"] == chosen[(b, "gradalign")][1][0]["subset_seed"])
+        by_beta = defaultdict(list)
+        for r in rows:
+            if same(r) and r["optimizer"] in ("gradalign", "sgd"):
+                by_beta[r["beta"] if r["optimizer"] == "gradalign" else 0.0].append(r)
+        if len(by_beta) >= 2:
+            panels.append((b, setting, by_beta))
+    if not panels:
         return None
-    b = max(ga_batches)
-    setting = dict(zip(SETTING_KEYS, chosen[(b, "gradalign")][0]))
-    same = lambda r: (r["batch_size"] == b and r["status"] == "done" and r["lr"] == setting["lr"]
-                      and r["warmup_epochs"] == setting["warmup_epochs"])
-    by_beta = defaultdict(list)
-    for r in rows:
-        if same(r) and r["optimizer"] in ("gradalign", "sgd"):
-            by_beta[r["beta"] if r["optimizer"] == "gradalign" else 0.0].append(r)
-    if len(by_beta) < 2:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    betas = sorted(by_beta)
-    for key, label in (("test_accuracy", "test"), ("val_accuracy", "validation")):
-        stats = [_mean_std([r[key] for r in by_beta[x]]) for x in betas]
-        if all(m is None for m, _ in stats):
-            continue
-        ax.errorbar(betas, [100 * m if m is not None else math.nan for m, _ in stats],
-                    yerr=[100 * s if s is not None else 0 for _, s in stats],
-                    marker="o", capsize=3, label=label)
-    for x in betas:
-        ax.annotate(f"n={len(by_beta[x])}", (x, ax.get_ylim()[0]), fontsize=7, ha="center", va="bottom")
-    ax.set_xscale("symlog", linthresh=min(x for x in betas if x > 0))
-    ax.set_xlabel(f"β (batch {b}, lr {setting['lr']:g}; β = 0 is SGD)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (b, setting, by_beta) in zip(axes[0], panels):
+        betas = sorted(by_beta)
+        for key, label in (("test_accuracy", "test"), ("val_accuracy", "validation")):
+            stats = [_mean_std([r[key] for r in by_beta[x]]) for x in betas]
+            if all(m is None for m, _ in stats):
+                continue
+            ax.errorbar(betas, [100 * m if m is not None else math.nan for m, _ in stats],
+                        yerr=[100 * s if s is not None else 0 for _, s in stats],
+                        marker="o", capsize=3, label=label)
+        for x in betas:
+            ax.annotate(f"n={len(by_beta[x])}", (x, ax.get_ylim()[0]), fontsize=7, ha="center", va="bottom")
+        ax.set_xscale("symlog", linthresh=min(x for x in betas if x > 0))
+        ax.set_xlabel(f"β (batch {b}, lr {setting['lr']:g}; β = 0 is SGD)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     path = out / "accuracy_vs_beta.png"
     fig.savefig(path, dpi=120)

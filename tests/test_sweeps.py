@@ -303,6 +303,31 @@ def test_report_chooses_on_the_first_subset_and_applies_it_to_the_second(tmp_pat
     assert sorted(r["subset_seed"] for r in rows) == ["0", "0", "1", "1"]
 
 
+def test_report_plots_the_beta_curve_at_every_gradalign_batch(tmp_path):
+    runs = tmp_path / "runs"
+    points = [(b, "sgd", 0.0, 0.80) for b in (512, 2048)] + [
+        (b, "gradalign", beta, acc) for b in (512, 2048) for beta, acc in ((0.05, 0.82), (0.2, 0.85))]
+    for i, (batch, optimizer, beta, acc) in enumerate(points):
+        d = runs / f"p{i}"
+        d.mkdir(parents=True)
+        config = {"data": {"dataset": "x"}, "model": {"model": "mlp"},
+                  "optim": {"optimizer": optimizer, "inner": "sgd", "micro_batches": 4, "lr": 0.1,
+                            "lr_scaling": "none", "warmup_epochs": 0.0, "beta": beta},
+                  "train": {"batch_size": batch, "seed": 0, "epochs": 1}}
+        (d / "config.json").write_text(json.dumps(config))
+        (d / "summary.json").write_text(json.dumps({"status": "finished"}))
+        (d / "metrics.json").write_text(json.dumps([{"epoch": 1, "accuracy": 0.9, "loss": 0.3,
+                                                     "val_accuracy": acc, "test_accuracy": acc,
+                                                     "images_per_sec": 1.0, "grad_variance": 1.0}]))
+    result = report(runs)
+    import matplotlib.image
+
+    beta_plot = runs / "accuracy_vs_beta.png"
+    assert beta_plot in result["plots"]
+    height, width = matplotlib.image.imread(beta_plot).shape[:2]
+    assert width > 1.8 * height  # one panel per batch, side by side
+
+
 # ---- a real SLURM scheduler ------------------------------------------------
 
 @pytest.fixture(scope="module")
