@@ -17,13 +17,8 @@ from train.config import ConfigError
 TODO = (state.PENDING, state.FAILED, state.INTERRUPTED)
 
 
-def _wanted(config):
-    federated = config["federated"]["algorithm"] != "none"
-    return config["federated"]["rounds"] if federated else config["train"]["epochs"]
-
-
 def _states(sweep, active=frozenset()):
-    return {p.id: state.point_state(p.run_dir, active, _wanted(p.config)) for p in sweep.points}
+    return {p.id: state.point_state(p.run_dir, active, state.budget(p.config)) for p in sweep.points}
 
 
 def _active():

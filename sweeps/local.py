@@ -109,7 +109,7 @@ class LocalLauncher(Launcher):
         for i, p in enumerate(points, 1):
             with claim(p.run_dir) as mine:
                 # Checked under the lock: another launcher may have finished it meanwhile.
-                now = state.point_state(p.run_dir) if mine else state.RUNNING
+                now = state.point_state(p.run_dir, wanted=state.budget(p.config)) if mine else state.RUNNING
                 if now in (state.DONE, state.RUNNING):
                     print(f"[{i}/{len(points)}] {p.id} skipped: {now} in another launcher", flush=True)
                     self.skipped.append(p.id)

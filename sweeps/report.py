@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
-from sweeps.state import point_state, read_json
+from sweeps.state import budget, point_state, read_json
 
 COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size", "workers",
            "micro_batches", "micro_batch_size", "lr", "lr_scaling", "warmup_epochs", "beta", "seed",
@@ -60,7 +60,8 @@ def collect(runs_dir, at="final") -> list[dict]:
                           if (p / "config.json").exists() or (p / "point.toml").exists()):
         # A point that failed before training wrote no config.json; its launcher's
         # point.toml still says what it was.
-        config = read_json(run_dir / "config.json") or tomllib.loads((run_dir / "point.toml").read_text())
+        planned = tomllib.loads((run_dir / "point.toml").read_text()) if (run_dir / "point.toml").exists() else None
+        config = read_json(run_dir / "config.json") or planned
         summary = read_json(run_dir / "summary.json") or {}
         launcher = read_json(run_dir / "launcher.json") or {}
         history = read_json(run_dir / "metrics.json") or []
@@ -74,7 +75,7 @@ def collect(runs_dir, at="final") -> list[dict]:
         train_acc = row.get("train_eval_accuracy", row.get("accuracy"))
         train_loss = row.get("train_eval_loss", row.get("loss"))
         rows.append({
-            "id": run_dir.name, "status": point_state(run_dir), "dataset": d["dataset"],
+            "id": run_dir.name, "status": point_state(run_dir, wanted=budget(planned or config)), "dataset": d["dataset"],
             "model": config["model"]["model"], "optimizer": o["optimizer"], "inner": o["inner"],
             "batch_size": t["batch_size"], "workers": workers, "micro_batches": micro,
             "micro_batch_size": micro_size, "lr": o["lr"],

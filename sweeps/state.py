@@ -58,6 +58,12 @@ def _from_run_files(run_dir: Path, summary: dict) -> str:
     return FAILED
 
 
+def budget(config: dict) -> int:
+    """The epochs (federated: rounds) a point's training config asks for."""
+    federated = config.get("federated", {}).get("algorithm", "none") != "none"
+    return config["federated"]["rounds"] if federated else config["train"]["epochs"]
+
+
 def point_state(run_dir, active_jobs=frozenset(), wanted=None) -> str:
     """done | failed | running | interrupted | pending.
 
@@ -71,7 +77,7 @@ def point_state(run_dir, active_jobs=frozenset(), wanted=None) -> str:
     run_dir = Path(run_dir)
     summary = read_json(run_dir / "summary.json") or {}
     if summary.get("status") == "finished":
-        if wanted is None or summary.get("epochs_done", 0) >= wanted:
+        if wanted is None or summary.get("epochs_done", wanted) >= wanted:
             return DONE
         summary = {**summary, "status": "interrupted"}
     launcher = read_json(run_dir / "launcher.json") or {}
