@@ -334,3 +334,63 @@ def test_workers_with_different_step_counts_are_refused_before_training(tmp_path
         assert "different numbers of steps per epoch" in text and "steps_per_epoch" in text, text
     horovodrun(2, ["tests/unequal_shards_script.py", tmp_path, "40", "36"], timeout=300)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["trained", "trained"]
+
+
+# ---- Keras' fit as users call it: GradAlign(β=0) must train exactly as data-parallel SGD
+
+def test_fit_with_sample_weight(hvd):
+    x, y = _data(n=60)
+    w = np.random.default_rng(1).random(60).astype("float32")
+    _beta0_equals_data_parallel(lambda: x, y=y, sample_weight=w, batch_size=16)
+
+
+def test_fit_with_class_weight(hvd):
+    x, y = _data(n=60)
+    _beta0_equals_data_parallel(lambda: x, y=y, class_weight={0: 1.0, 1: 3.0, 2: 0.5}, batch_size=16)
+
+
+def test_fit_with_validation_data(hvd):
+    x, y = _data(n=60)
+    model = _beta0_equals_data_parallel(lambda: x[:44], y=y[:44], validation_data=(x[44:], y[44:]), batch_size=16)
+    assert "val_loss" in model.history.history
+
+
+def test_fit_with_a_python_generator_of_uneven_batches(hvd):
+    x, y = _data(n=60)
+
+    def batches():  # sizes 16, 16, 16, 12 each epoch
+        for start in range(0, 60, 16):
+            yield x[start:start + 16], y[start:start + 16]
+
+    _beta0_equals_data_parallel(lambda: _repeat(batches), steps_per_epoch=4)
+
+
+def _repeat(make):
+    while True:
+        yield from make()
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, y, batch):
+        super().__init__()
+        self.x, self.y, self.batch = x, y, batch
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch)
+
+    def __getitem__(self, i):
+        return self.x[i * self.batch:(i + 1) * self.batch], self.y[i * self.batch:(i + 1) * self.batch]
+
+
+def test_fit_with_a_py_dataset(hvd):
+    x, y = _data(n=60)
+    _beta0_equals_data_parallel(lambda: _Batches(x, y, 16))
+
+
+def test_fit_with_steps_per_epoch_on_an_endless_dataset_and_initial_epoch(hvd):
+    x, y = _data(n=60)
+    endless = lambda: tf.data.Dataset.from_tensor_slices((x, y)).batch(12).repeat()
+    _beta0_equals_data_parallel(endless, steps_per_epoch=3)
+    model = _compile(_model(), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, micro_batches=4))
+    history = model.fit(endless(), steps_per_epoch=3, epochs=4, initial_epoch=2, verbose=0)
+    assert history.epoch == [2, 3] and int(model.optimizer.iterations) == 6
