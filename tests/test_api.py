@@ -394,3 +394,21 @@ def test_fit_with_steps_per_epoch_on_an_endless_dataset_and_initial_epoch(hvd):
     model = _compile(_model(), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, micro_batches=4))
     history = model.fit(endless(), steps_per_epoch=3, epochs=4, initial_epoch=2, verbose=0)
     assert history.epoch == [2, 3] and int(model.optimizer.iterations) == 6
+
+
+@pytest.mark.horovod
+def test_keras_docs_convnet_example_on_two_workers():
+    """examples/keras_mnist_convnet.py: the Keras docs' script with only compile (and the
+    Horovod lines) changed; 3,000 images leave each worker 1,350 after validation_split,
+    so its last batch holds 70 samples."""
+    import re
+
+    from tests.conftest import horovodrun
+
+    proc = horovodrun(2, ["examples/keras_mnist_convnet.py", "--samples", "3000"], timeout=600)
+    out = proc.stdout
+    assert re.search(r"11/11 - .*val_accuracy", out), out[-3000:]
+    accuracy = float(re.search(r"Test accuracy: ([0-9.]+)", out).group(1))
+    assert accuracy > 0.5, out[-3000:]
+    sums = re.findall(r"rank \d weights checksum: (\S+)", out)
+    assert len(sums) == 2 and sums[0] == sums[1], out[-3000:]
