@@ -70,6 +70,7 @@ def split_label_shards(labels, clients: int, seed: int, iid_fraction: float = 0.
     ``shards_per_client`` of them per client (1, the reference code: one shard each, so
     as many clients as classes gives one class per client; 2 with shards drawn at
     random is McMahan et al.'s "2 classes per client")."""
+    check_split("shards", clients, iid_fraction, shards_per_client)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
@@ -88,8 +89,7 @@ def split_label_shards(labels, clients: int, seed: int, iid_fraction: float = 0.
 
 def split_dirichlet(labels, clients: int, seed: int, alpha: float) -> list[np.ndarray]:
     """Per class, client proportions drawn from Dirichlet(alpha) (Hsu et al. 2019)."""
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    check_split("dirichlet", clients, alpha=alpha)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     parts = [[] for _ in range(clients)]
@@ -144,29 +144,61 @@ class FederatedConfig:
                                    # as much as K·b local samples; FedGA has it for free)
 
     def check(self, clients: int):
+        """Every rule on these values, in one place: `python -m train` and sweep specs
+        call it before anything is written or launched (train.config.validate)."""
+        def bad(name, message):
+            raise FederatedConfigError(name, message)
+
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
+            bad("algorithm", f"= {self.algorithm!r}; choose one of {ALGORITHMS}")
         for name in ("local_steps", "local_batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server_optimizer {self.server_optimizer!r}; choose one of {SERVER_OPTIMIZERS}")
+            bad("server_optimizer", f"= {self.server_optimizer!r}; choose one of {SERVER_OPTIMIZERS}")
         if self.server_optimizer == "adam":
             if self.server_momentum:
-                raise ValueError("server_momentum is for server_optimizer='sgd'; FedAdam's first "
-                                 "moment is server_beta1")
+                bad("server_momentum", "is for server_optimizer = 'sgd'; FedAdam's first moment is server_beta1")
             for name in ("server_beta1", "server_beta2"):
                 if not 0 <= getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                    bad(name, f"must be in [0, 1), got {getattr(self, name)}")
         for name in ("local_lr", "server_lr", "server_epsilon"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                bad(name, f"must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "beta", "mu", "server_momentum", "grad_samples"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.clients_per_round <= clients:
-            raise ValueError(f"clients_per_round={self.clients_per_round} must be between 1 and "
-                             f"the number of clients ({clients})")
+            bad("clients_per_round", f"= {self.clients_per_round} must be between 1 and the number of "
+                                     f"clients ({clients})")
+
+
+class FederatedConfigError(ValueError):
+    """A federated setting that cannot run; ``field`` names it (a FederatedConfig field or
+    a split argument), so that a caller can name its own key for it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field, self.message = field, message
+
+
+SPLITS = ("iid", "shards", "dirichlet")
+
+
+def check_split(split: str, clients: int, iid_fraction: float = 0.0, shards_per_client: int = 1,
+                alpha: float = 1.0) -> None:
+    """The rules on a split's arguments (what the data makes of them is _check_split's)."""
+    if split not in SPLITS:
+        raise FederatedConfigError("split", f"= {split!r}; choose one of {SPLITS}")
+    if clients < 1:
+        raise FederatedConfigError("clients", f"must be >= 1, got {clients}")
+    if split == "shards":
+        if not 0.0 <= iid_fraction <= 1.0:
+            raise FederatedConfigError("iid_fraction", f"must be in [0, 1], got {iid_fraction}")
+        if shards_per_client < 1:
+            raise FederatedConfigError("shards_per_client", f"must be >= 1, got {shards_per_client}")
+    if split == "dirichlet" and not alpha > 0:
+        raise FederatedConfigError("alpha", f"must be > 0 (a Dirichlet concentration), got {alpha}")
 
 
 @dataclass

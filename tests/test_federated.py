@@ -145,7 +145,7 @@ def test_sampling_is_the_same_everywhere_and_without_replacement():
     (lambda y: federated.split_dirichlet(y, 40, 0, 0.01), "without data"),
     (lambda y: federated.split_label_shards(y, 200, 0), "without data"),
     (lambda y: federated.FederatedConfig(local_steps=0).check(5), "local_steps must be >= 1"),
-    (lambda y: federated.FederatedConfig(clients_per_round=9).check(5), "clients_per_round=9"),
+    (lambda y: federated.FederatedConfig(clients_per_round=9).check(5), "clients_per_round = 9 must be between 1 and the number of clients \\(5\\)"),
     (lambda y: federated.FederatedConfig(algorithm="fedsgd").check(5), "choose one of"),
     (lambda y: federated.FederatedConfig(server_optimizer="yogi").check(5), "choose one of"),
     (lambda y: federated.FederatedConfig(server_optimizer="adam", server_momentum=0.9).check(5),
@@ -276,7 +276,7 @@ def test_entry_point_two_workers_equal_one(tmp_path):
 
 def test_entry_point_bad_federated_config_is_an_early_error(tmp_path):
     proc = _train(tmp_path / "bad", "--clients-per-round", "9")
-    assert proc.returncode == 2 and "clients_per_round = 9 is more than federated.clients = 6" in proc.stderr
+    assert proc.returncode == 2 and "federated.clients_per_round = 9 must be between 1 and the number of clients (6)" in proc.stderr
     assert not (tmp_path / "bad" / "config.json").exists()
 
 

@@ -496,3 +496,25 @@ def test_keys_added_later_at_their_old_value_rename_nothing():
     assert sweep_spec.point_id(config, 1) != sweep_spec.point_id(before, 1)
     sweep = sweep_spec.load(REPO / "sweeps/configs/fashion_mnist_federated.toml")
     assert sweep.points[0].id == "2ed55b45fefc"
+
+
+@pytest.mark.parametrize("setting, message", [("server_lr = [0.0]", "federated.server_lr must be > 0"),
+                                              ("alpha = [0.0]", "federated.alpha must be > 0")])
+def test_a_federated_setting_that_cannot_run_is_refused_before_anything_is_written(tmp_path, setting, message):
+    """The library's federated rules reach `python -m train` and sweep specs before a run
+    directory exists (they used to pass the early check and fail inside the run)."""
+    runs = tmp_path / "runs"
+    spec = tmp_path / "fed.toml"
+    spec.write_text(f'[sweep]\nname = "fed"\nbase_config = "train/configs/fashion_mnist_fedga.toml"\n'
+                    f'[fixed]\nsplit = "dirichlet"\n[grid]\n{setting}\nseed = [0]\n')
+    with pytest.raises(ConfigError, match=message):
+        sweep_spec.load(spec, runs)
+    dry = sweeps_cli("run", spec, "--runs-root", runs)
+    assert dry.returncode == 2 and message in dry.stderr and not runs.exists()
+    key, value = setting.split(" = ")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", "train/configs/fashion_mnist_fedga.toml",
+                           "--split", "dirichlet", f"--{key.replace('_', '-')}", value.strip("[]"),
+                           "--run-dir", str(run_dir)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr and not run_dir.exists(), proc.stderr[-2000:]

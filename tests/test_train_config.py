@@ -45,6 +45,12 @@ def test_defaults_and_overrides(tmp_path):
      r"federated\.server_beta2 must be in \[0, 1\)"),
     ('[federated]\nalgorithm = "fedavg"\nserver_optimizer = "adam"\nserver_epsilon = 0.0\n',
      r"federated\.server_epsilon must be > 0"),
+    ('[federated]\nalgorithm = "fedavg"\nserver_lr = 0.0\n', r"federated\.server_lr must be > 0, got 0\.0"),
+    ('[federated]\nalgorithm = "fedavg"\nsplit = "dirichlet"\nalpha = 0.0\n', r"federated\.alpha must be > 0"),
+    ('[federated]\nalgorithm = "fedga"\n[optim]\nlr = 0.0\n', r"optim\.lr must be > 0"),
+    ('[federated]\nalgorithm = "fedavg"\nclients_per_round = 30\n',
+     r"federated\.clients_per_round = 30 must be between 1 and the number of clients \(20\)"),
+    ('[federated]\nalgorithm = "fedavg"\niid_fraction = 1.5\n', r"federated\.iid_fraction must be in \[0, 1\]"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, match):
     cfg = tmp_path / "c.toml"

@@ -13,7 +13,8 @@ import tomllib
 import math
 from pathlib import Path
 
-from hvd_gradalign.federated import ALGORITHMS, SERVER_OPTIMIZERS
+from hvd_gradalign.federated import (ALGORITHMS, SERVER_OPTIMIZERS, SPLITS, FederatedConfig,
+                                     FederatedConfigError, check_split)
 from hvd_gradalign.models import MODELS, NORMS
 from hvd_gradalign.optimizers import INNER_OPTIMIZERS
 from hvd_gradalign.schedules import DECAYS, SCALING_RULES, WARMUP_STARTS, scaled_learning_rate, warmup_start
@@ -99,7 +100,7 @@ CHOICES = {
     "norm": ("default",) + NORMS,
     "algorithm": ("none",) + ALGORITHMS,
     "server_optimizer": SERVER_OPTIMIZERS,
-    "split": ("iid", "shards", "dirichlet"),
+    "split": SPLITS,
     "verbose": (0, 1, 2),
 }
 
@@ -238,27 +239,16 @@ def validate(config: dict) -> dict:
         raise ConfigError("train.checkpoint_every must be >= 0 (0 = only at the end and on signals)")
     f = config["federated"]
     if f["algorithm"] != "none":
-        for name in ("clients", "clients_per_round", "rounds", "local_steps", "local_batch", "eval_rounds",
-                     "shards_per_client", "variance_every"):
+        for name in ("rounds", "eval_rounds", "variance_every"):
             if f[name] < 1:
                 raise ConfigError(f"federated.{name} must be >= 1, got {f[name]}")
-        if f["clients_per_round"] > f["clients"]:
-            raise ConfigError(f"federated.clients_per_round = {f['clients_per_round']} is more than "
-                              f"federated.clients = {f['clients']}")
-        if not 0.0 <= f["iid_fraction"] <= 1.0:
-            raise ConfigError(f"federated.iid_fraction must be in [0, 1], got {f['iid_fraction']}")
-        for name in ("mu", "alpha", "server_lr", "server_momentum", "grad_samples"):
-            if f[name] < 0:
-                raise ConfigError(f"federated.{name} must be >= 0, got {f[name]}")
-        if f["server_optimizer"] == "adam":
-            if f["server_momentum"]:
-                raise ConfigError("federated.server_momentum is for server_optimizer = 'sgd'; "
-                                  "FedAdam's first moment is federated.server_beta1")
-            for name in ("server_beta1", "server_beta2"):
-                if not 0.0 <= f[name] < 1.0:
-                    raise ConfigError(f"federated.{name} must be in [0, 1), got {f[name]}")
-            if not f["server_epsilon"] > 0:
-                raise ConfigError(f"federated.server_epsilon must be > 0, got {f['server_epsilon']}")
+        # The library's own rules, named by this config's keys.
+        try:
+            federated_config(config).check(f["clients"])
+            check_split(f["split"], f["clients"], f["iid_fraction"], f["shards_per_client"], f["alpha"])
+        except FederatedConfigError as err:
+            key = KEY_OF_FEDERATED_FIELD.get(err.field, f"federated.{err.field}")
+            raise ConfigError(f"{key} {err.message}") from None
     if d["subset_seed"] < -1:
         raise ConfigError(f"data.subset_seed must be >= 0 (a seeded random subset) or -1 (the first "
                           f"train_samples), got {d['subset_seed']}")
@@ -274,6 +264,22 @@ def validate(config: dict) -> dict:
     if o["decay"] == "step" and not o["decay_epochs"]:
         raise ConfigError("optim.decay = 'step' needs optim.decay_epochs, e.g. [30, 60]")
     return config
+
+
+# FederatedConfig fields that come from [optim]; the others are federated.<field>.
+KEY_OF_FEDERATED_FIELD = {"local_lr": "optim.lr", "weight_decay": "optim.weight_decay", "beta": "optim.beta"}
+
+
+def federated_config(config: dict) -> FederatedConfig:
+    """The library's FederatedConfig that a training config describes."""
+    f, o = config["federated"], config["optim"]
+    return FederatedConfig(
+        algorithm=f["algorithm"], local_steps=f["local_steps"], local_batch=f["local_batch"],
+        local_lr=o["lr"], weight_decay=o["weight_decay"], beta=o["beta"], grad_samples=f["grad_samples"],
+        mu=f["mu"], server_optimizer=f["server_optimizer"], server_lr=f["server_lr"],
+        server_momentum=f["server_momentum"], server_beta1=f["server_beta1"],
+        server_beta2=f["server_beta2"], server_epsilon=f["server_epsilon"],
+        clients_per_round=f["clients_per_round"], seed=config["train"]["seed"])
 
 
 def micro_batches_per_worker(config: dict, workers: int) -> int:

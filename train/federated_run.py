@@ -85,6 +85,7 @@ def run_federated(config, run_dir: Path, log) -> int:
     from hvd_gradalign import distributed, federated
     from hvd_gradalign.data import load_arrays
     from hvd_gradalign.models import build_model
+    from train.config import federated_config
     from train.recorder import write_metrics
 
     f, o, t, d = config["federated"], config["optim"], config["train"], config["data"]
@@ -93,14 +94,7 @@ def run_federated(config, run_dir: Path, log) -> int:
         d["dataset"], d["data_dir"] or None, validation_samples=d["validation_samples"],
         train_samples=d["train_samples"], test_samples=d["test_samples"], subset_seed=d["subset_seed"])
     clients = _split(config, y, t["seed"])
-    cfg = federated.FederatedConfig(
-        algorithm=f["algorithm"], local_steps=f["local_steps"], local_batch=f["local_batch"],
-        local_lr=o["lr"], weight_decay=o["weight_decay"], beta=o["beta"], grad_samples=f["grad_samples"],
-        mu=f["mu"], server_optimizer=f["server_optimizer"], server_lr=f["server_lr"],
-        server_momentum=f["server_momentum"], server_beta1=f["server_beta1"],
-        server_beta2=f["server_beta2"], server_epsilon=f["server_epsilon"],
-        clients_per_round=f["clients_per_round"], seed=t["seed"])
-    cfg.check(len(clients))
+    cfg = federated_config(config)
     keras.utils.set_random_seed(t["seed"])
     m = config["model"]
     model = build_model(m["model"], info.input_shape, info.num_classes,
