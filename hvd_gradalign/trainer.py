@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from .callbacks import BroadcastInitialState
 from .optimizers import GradAlign
-from . import distributed
+from . import distributed, keras_internals
 from .steps import first_leaf, gradalign_step
 
 GRAD_VARIANCE = "grad_variance"
@@ -48,11 +48,12 @@ class _AlignmentTrackers:
 def keras_gradalign_train_step(model: keras.Model, data, trackers: _AlignmentTrackers):
     """The GradAlign version of ``keras.Model.train_step``."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    compute_loss = getattr(model, "_compute_loss", model.compute_loss)
+    compute_loss = keras_internals.compute_loss(model)
+    with_training = keras_internals.call_has_training_arg(model)
 
     def loss_fn(micro_batch):
         xj, yj, swj = micro_batch
-        y_pred = model(xj, training=True) if model._call_has_training_arg else model(xj)
+        y_pred = model(xj, training=True) if with_training else model(xj)
         loss = compute_loss(x=xj, y=yj, y_pred=y_pred, sample_weight=swj, training=True)
         return loss, y_pred
 
@@ -61,7 +62,7 @@ def keras_gradalign_train_step(model: keras.Model, data, trackers: _AlignmentTra
         state_variables=model.non_trainable_variables,
     )
     batch = tf.shape(first_leaf(x))[0]
-    model._loss_tracker.update_state(result.loss, sample_weight=batch)
+    keras_internals.loss_tracker(model).update_state(result.loss, sample_weight=batch)
     trackers.variance.update_state(result.grad_variance)
     trackers.ratio.update_state(result.grad_variance_ratio)
     logs = model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
@@ -150,15 +151,7 @@ def _build_from_input(model, x) -> None:
 _TRAINER = None  # the Keras class that defines train_step / fit / reset_metrics
 
 
-def trainer_class():
-    """The class in ``keras.Model``'s MRO that defines ``train_step`` (the TensorFlow
-    backend's trainer); its ``fit`` and ``reset_metrics`` must be there too."""
-    owner = next(c for c in keras.Model.__mro__ if "train_step" in c.__dict__)
-    for name in ("fit", "reset_metrics", "make_train_function"):
-        if not any(name in c.__dict__ for c in owner.__mro__):
-            raise RuntimeError(f"hvd_gradalign: this Keras ({keras.__version__}) has no {name} on "
-                               f"{owner.__name__}; the GradAlign train step cannot be installed.")
-    return owner
+trainer_class = keras_internals.trainer_class
 
 
 def install() -> None:

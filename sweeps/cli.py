@@ -9,8 +9,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from sweeps import launcher as launchers
 from sweeps import state
+from sweeps.local import LocalLauncher
+from sweeps.slurm import SlurmLauncher
 from sweeps.spec import load
 from train.config import ConfigError
 
@@ -21,10 +22,12 @@ def _states(sweep, active=frozenset()):
     return {p.id: state.point_state(p.run_dir, active, state.budget(p.config)) for p in sweep.points}
 
 
-def _active():
-    from sweeps import slurm
+LAUNCHERS = {"local": LocalLauncher, "slurm": SlurmLauncher}
 
-    return slurm.active_jobs()
+
+def _active():
+    """Jobs any launcher's scheduler still holds: what tells a running point."""
+    return set().union(*(launcher().active_jobs() for launcher in LAUNCHERS.values()))
 
 
 def _selected(sweep, where):
@@ -46,7 +49,7 @@ def _selected(sweep, where):
 
 def cmd_run(args) -> int:
     sweep = load(args.spec, args.runs_root)
-    launcher = launchers.get(args.launcher)
+    launcher = LAUNCHERS[args.launcher]()
     states = _states(sweep, launcher.active_jobs())
     points = _selected(sweep, args.where)
     if args.where and not points:
@@ -67,8 +70,8 @@ def cmd_run(args) -> int:
         print("interrupted; the current point checkpointed where it could. Run the same command "
               "again to resume", flush=True)
         return 130
-    if args.launcher == "slurm":
-        print(f"submitted job array {handle} with {len(todo)} tasks")
+    if launcher.detached:
+        print(launcher.describe(handle, len(todo)))
         if not args.wait:
             return 0
         launcher.wait(handle)
@@ -76,7 +79,7 @@ def cmd_run(args) -> int:
     # A point another local launcher is still running is that launcher's to report.
     elsewhere = [p.id for p in todo if p.id in launcher.skipped and states[p.id] != state.DONE]
     bad = [p.id for p in todo if states[p.id] != state.DONE and p.id not in elsewhere]
-    ended = f"job {handle} ended" if args.launcher == "slurm" else "done"
+    ended = f"job {handle} ended" if launcher.detached else "done"
     print(f"{ended}: {len(todo) - len(bad) - len(elsewhere)} done, {len(bad)} not done"
           + (f", {len(elsewhere)} still running in another launcher" if elsewhere else ""))
     return 1 if bad else 0
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the points that are not done yet")
     r.add_argument("spec")
-    r.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    r.add_argument("--launcher", choices=tuple(LAUNCHERS), default="local")
     r.add_argument("--dry-run", action="store_true", help="print what would run")
     r.add_argument("--wait", action="store_true", help="slurm: wait for the job array to end")
     r.add_argument("--runs-root", help="where sweeps keep their runs (default: <repo>/runs)")

@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
-from sweeps.report import _best_setting, _mean_std, _pick_epoch
+from sweeps.selection import best_setting, mean_std, pick_epoch
 from sweeps.state import point_state, read_json
 
 COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
@@ -40,7 +40,7 @@ def collect(run_dirs, at="final"):
         history = read_json(run_dir / "metrics.json") or []
         summary = read_json(run_dir / "summary.json") or {}
         f, o = config["federated"], config["optim"]
-        row = _pick_epoch(history, at)
+        row = pick_epoch(history, at)
         rows.append({
             "id": run_dir.name, "status": point_state(run_dir), "algorithm": f["algorithm"],
             "split": _split_name(f), "lr": o["lr"],
@@ -68,8 +68,8 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
         if r["status"] == "done":
             groups[(r["split"], r["algorithm"])][tuple(r[k] for k in SETTING_KEYS)].append(r)
     chosen = {key: (best, settings[best]) for key, settings in groups.items()
-              for best in [_best_setting(settings, "val_accuracy", max)]}
-    stats = {key: _mean_std([r["test_accuracy"] for r in seeds]) for key, (_, seeds) in chosen.items()}
+              for best in [best_setting(settings, "val_accuracy", max)]}
+    stats = {key: mean_std([r["test_accuracy"] for r in seeds]) for key, (_, seeds) in chosen.items()}
     splits = sorted({s for s, _ in chosen})
     algorithms = sorted({a for _, a in chosen})
     lines = ["| split | " + " | ".join(algorithms) + " |", "|---|" + "---|" * len(algorithms)]
@@ -125,8 +125,8 @@ def _every_setting(groups, chosen):
     for (split, algorithm), settings in sorted(groups.items()):
         common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))
         for setting, seeds in sorted(settings.items()):
-            val = _mean_std([r["val_accuracy"] for r in seeds if r["seed"] in common])[0]
-            test = _mean_std([r["test_accuracy"] for r in seeds])[0]
+            val = mean_std([r["val_accuracy"] for r in seeds if r["seed"] in common])[0]
+            test = mean_std([r["test_accuracy"] for r in seeds])[0]
             what = _setting_label(setting)
             if chosen[(split, algorithm)][0] == setting:
                 what = f"**{what}**"
@@ -156,7 +156,7 @@ def _against_fedavg(chosen, splits, algorithms):
                 continue
             base, mine = by_seed((split, "fedavg")), by_seed((split, a))
             diffs = [100 * (mine[s] - base[s]) for s in sorted(set(base) & set(mine))]
-            m, sd = _mean_std(diffs)
+            m, sd = mean_std(diffs)
             cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f} (n={len(diffs)})")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines.append("Differences: test accuracy points, paired by seed (mean ± std over seeds).")

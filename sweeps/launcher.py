@@ -18,18 +18,13 @@ class Launcher:
         """Return when the points of ``handle`` have ended."""
         raise NotImplementedError
 
+    # A launcher whose submit returns at once while its scheduler runs the points.
+    detached = False
+
     def active_jobs(self) -> set[str]:
         """Job ids this launcher's scheduler still holds ('' for none)."""
         return set()
 
-
-def get(name: str) -> Launcher:
-    if name == "local":
-        from sweeps.local import LocalLauncher
-
-        return LocalLauncher()
-    if name == "slurm":
-        from sweeps.slurm import SlurmLauncher
-
-        return SlurmLauncher()
-    raise ValueError(f"unknown launcher {name!r}; choose local or slurm")
+    def describe(self, handle: str, count: int) -> str:
+        """What a detached submit says it started."""
+        return f"started {count} points ({handle})"

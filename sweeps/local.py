@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from sweeps import state
-from sweeps.spec import REPO, to_toml
+from sweeps.spec import REPO, write_point_config
 from sweeps.launcher import Launcher
 from train.launch import horovodrun_command, subprocess_env
 
@@ -24,13 +24,6 @@ STOP_GRACE_S = 120  # how long an interrupted point may take to checkpoint and e
 def point_command(point, python=sys.executable) -> list[str]:
     return horovodrun_command(point.workers, ["-m", "train", "--config", point.run_dir / "point.toml"],
                               python)
-
-
-def write_point_config(point) -> Path:
-    point.run_dir.mkdir(parents=True, exist_ok=True)
-    path = point.run_dir / "point.toml"
-    path.write_text(to_toml(point.config))
-    return path
 
 
 def run_point(point, env) -> int:

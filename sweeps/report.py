@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
+from sweeps.selection import AT, best_setting, mean_std, pick_epoch
 from sweeps.state import budget, point_state, read_json
 
 COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size", "workers",
@@ -30,17 +31,6 @@ COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size
            "test_accuracy", "test_loss", "grad_variance", "grad_variance_ratio", "images_per_sec",
            "wall_time", "train_samples", "subset_seed", "warmup_from"]
 SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta")
-AT = ("final", "best_val")
-
-
-def _pick_epoch(history, at):
-    evaluated = [r for r in history if r.get("test_accuracy") is not None]
-    if not evaluated:
-        return history[-1] if history else {}
-    if at == "best_val" and any(r.get("val_accuracy") is not None for r in evaluated):
-        return max((r for r in evaluated if r.get("val_accuracy") is not None),
-                   key=lambda r: r["val_accuracy"])
-    return evaluated[-1]
 
 
 def _micro(config, workers):
@@ -65,7 +55,7 @@ def collect(runs_dir, at="final") -> list[dict]:
         summary = read_json(run_dir / "summary.json") or {}
         launcher = read_json(run_dir / "launcher.json") or {}
         history = read_json(run_dir / "metrics.json") or []
-        row = _pick_epoch(history, at)
+        row = pick_epoch(history, at)
         o, t, d = config["optim"], config["train"], config["data"]
         workers = summary.get("workers") or launcher.get("workers")
         micro, micro_size = _micro(config, workers) if workers else (None, None)
@@ -95,13 +85,6 @@ def collect(runs_dir, at="final") -> list[dict]:
     return rows
 
 
-def _mean_std(values):
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _groups(rows):
     """{(batch, optimizer): {setting: [rows of its seeds]}} over finished points."""
     groups = defaultdict(lambda: defaultdict(list))
@@ -111,26 +94,16 @@ def _groups(rows):
     return groups
 
 
-def _best_setting(settings, key, better):
-    common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))
-
-    def score(s):
-        m = _mean_std([r[key] for r in settings[s] if not common or r["seed"] in common])[0]
-        return m if m is not None else (-math.inf if better is max else math.inf)
-
-    return better(settings, key=score)
-
-
 def select(rows):
     """{(batch, optimizer): (setting, [rows of its seeds], criterion)} over finished points."""
     chosen = {}
     for key, settings in _groups(rows).items():
         has_val = all(r["val_accuracy"] is not None for rs in settings.values() for r in rs)
         if has_val:
-            best = _best_setting(settings, "val_accuracy", max)
+            best = best_setting(settings, "val_accuracy", max)
             chosen[key] = (best, settings[best], "validation accuracy")
         else:
-            best = _best_setting(settings, "train_loss", min)
+            best = best_setting(settings, "train_loss", min)
             chosen[key] = (best, settings[best], "training loss (no validation split)")
     return chosen
 
@@ -166,8 +139,8 @@ def markdown_table(rows, chosen, at="final") -> str:
                 cells.append("–")
                 continue
             setting, seeds, _ = chosen[(b, o)]
-            test_m, test_s = _mean_std([r["test_accuracy"] for r in seeds])
-            gap_m, _ = _mean_std([_gap(r) for r in seeds])
+            test_m, test_s = mean_std([r["test_accuracy"] for r in seeds])
+            gap_m, _ = mean_std([_gap(r) for r in seeds])
             s = dict(zip(SETTING_KEYS, setting))
             beta = f", β={s['beta']:g}" if o == "gradalign" else ""
             gap = f"gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
@@ -196,12 +169,12 @@ def recovery_table(chosen) -> str:
     if not sgd:
         return ""
     small = min(sgd)
-    ref, _ = _mean_std([r["test_accuracy"] for r in sgd[small]])
+    ref, _ = mean_std([r["test_accuracy"] for r in sgd[small]])
     lines = [f"| global batch | SGD | GradAlign | GradAlign − SGD | gap to SGD@{small} recovered |",
              "|---:|---|---|---:|---:|"]
     for b in sorted(set(sgd) | set(ga)):
-        s_m, s_s = _mean_std([r["test_accuracy"] for r in sgd.get(b, [])])
-        g_m, g_s = _mean_std([r["test_accuracy"] for r in ga.get(b, [])])
+        s_m, s_s = mean_std([r["test_accuracy"] for r in sgd.get(b, [])])
+        g_m, g_s = mean_std([r["test_accuracy"] for r in ga.get(b, [])])
         cell = lambda m, s, n: f"{100 * m:.2f} ± {100 * s:.2f} (n={n})" if m is not None else "–"
         diff = f"{100 * (g_m - s_m):+.2f}" if g_m is not None and s_m is not None else "–"
         lost = (ref - s_m) if s_m is not None else None
@@ -221,7 +194,7 @@ def _errorbar(ax, chosen, optimizer, key, scale):
     for (b, o), (_, seeds, _) in sorted(chosen.items()):
         if o != optimizer:
             continue
-        m, s = _mean_std([key(r) for r in seeds])
+        m, s = mean_std([key(r) for r in seeds])
         if m is not None:
             xs.append(b)
             ms.append(m * scale)
@@ -249,7 +222,7 @@ def plots(rows, chosen, out: Path) -> list[Path]:
             _errorbar(ax, chosen, o, key, scale)
         if name == "test_accuracy_vs_batch.png" and sgd_batches:
             small = min(sgd_batches)
-            m, s = _mean_std([r["test_accuracy"] for r in chosen[(small, "sgd")][1]])
+            m, s = mean_std([r["test_accuracy"] for r in chosen[(small, "sgd")][1]])
             ax.axhline(100 * m, color="grey", ls="--", label=f"SGD at batch {small}")
             ax.axhspan(100 * (m - s), 100 * (m + s), color="grey", alpha=0.15)
         ax.set_xscale("log", base=2)
@@ -289,7 +262,7 @@ def _beta_curve(rows, chosen, out, plt):
     for ax, (b, setting, by_beta) in zip(axes[0], panels):
         betas = sorted(by_beta)
         for key, label in (("test_accuracy", "test"), ("val_accuracy", "validation")):
-            stats = [_mean_std([r[key] for r in by_beta[x]]) for x in betas]
+            stats = [mean_std([r[key] for r in by_beta[x]]) for x in betas]
             if all(m is None for m, _ in stats):
                 continue
             ax.errorbar(betas, [100 * m if m is not None else math.nan for m, _ in stats],

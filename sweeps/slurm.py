@@ -12,8 +12,7 @@ from string import Template
 
 from sweeps import state
 from sweeps.launcher import Launcher
-from sweeps.local import write_point_config
-from sweeps.spec import REPO
+from sweeps.spec import REPO, write_point_config
 from train.exit_codes import EXIT_INTERRUPTED
 
 TEMPLATE = REPO / "slurm" / "sweep_array.sbatch"
@@ -85,9 +84,13 @@ class SlurmLauncher(Launcher):
     """One sbatch job array per submission; the scheduler runs, requeues and ends it."""
 
     name = "slurm"
+    detached = True
 
     def submit(self, sweep, points) -> str:
         return submit(sweep, points)
+
+    def describe(self, handle, count) -> str:
+        return f"submitted job array {handle} with {count} tasks"
 
     def wait(self, handle, timeout_s=None) -> None:
         wait(handle, timeout_s=timeout_s)

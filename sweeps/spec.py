@@ -183,3 +183,12 @@ def to_toml(config: dict) -> str:
             lines.append(f"{key} = {json.dumps(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def write_point_config(point) -> Path:
+    """The point's resolved training config as point.toml in its run dir (what a
+    launcher runs `python -m train --config` on)."""
+    point.run_dir.mkdir(parents=True, exist_ok=True)
+    path = point.run_dir / "point.toml"
+    path.write_text(to_toml(point.config))
+    return path

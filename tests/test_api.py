@@ -412,3 +412,21 @@ def test_keras_docs_convnet_example_on_two_workers():
     assert accuracy > 0.5, out[-3000:]
     sums = re.findall(r"rank \d weights checksum: (\S+)", out)
     assert len(sums) == 2 and sums[0] == sums[1], out[-3000:]
+
+
+def test_keras_internals_sit_behind_one_module_with_a_clear_error():
+    import re
+    from pathlib import Path
+
+    from hvd_gradalign import keras_internals
+
+    library = Path(hga.__file__).parent
+    private = re.compile(r"\._(compute_loss|call_has_training_arg|loss_tracker)\b")
+    users = sorted(p.name for p in library.glob("*.py") if private.search(p.read_text()))
+    assert users == ["keras_internals.py"]
+    assert keras_internals.trainer_class() in keras.Model.__mro__
+    with pytest.raises(keras_internals.KerasInternalsError,
+                       match=rf"this Keras \({re.escape(keras.__version__)}\) has no Layer\._call_has_training_arg"):
+        keras_internals.call_has_training_arg(object())
+    with pytest.raises(keras_internals.KerasInternalsError, match=r"_loss_tracker \(is the model compiled\?\)"):
+        keras_internals.loss_tracker(object())

@@ -88,7 +88,7 @@ def run_federated(config, run_dir: Path, log) -> int:
     from train.config import federated_config
     from train.recorder import write_metrics
 
-    f, o, t, d = config["federated"], config["optim"], config["train"], config["data"]
+    f, t, d = config["federated"], config["train"], config["data"]
     rank, workers = hga.rank(), hga.size()
     info, (x, y), validation, (x_test, y_test) = load_arrays(
         d["dataset"], d["data_dir"] or None, validation_samples=d["validation_samples"],
