@@ -145,6 +145,11 @@ def get_builder(name: str, data_dir=None):
     """The tfds builder of ``name``, prepared; never downloads anything."""
     if name == EMBEDDED_DATASET:
         return _prepare_embedded(Path(data_dir) if data_dir else DEFAULT_DATA_DIR)
+    try:
+        tfds.builder_cls(name.split(":")[0].split("/")[0])
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"unknown dataset {name!r}: no tensorflow-datasets builder has that name "
+                         f"(the embedded default is {EMBEDDED_DATASET!r}).") from None
     if not data_dir:
         raise ValueError(
             f"dataset {name!r} needs data_dir: the folder where it was prepared with "

@@ -37,9 +37,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.config import (DEFAULTS, SECTION_OF, ConfigError, check_batch_split, merge, read_toml,
-                          run_identity,
-                          validate)
+from train.config import (DEFAULTS, SECTION_OF, ConfigError, check_batch_split, check_data_fits, merge,
+                          read_toml, run_identity, validate)
 
 REPO = Path(__file__).resolve().parents[1]
 RESOURCE_DEFAULTS = {"cpus_per_task": 1, "gpus_per_task": 0, "time": "01:00:00",
@@ -88,6 +87,28 @@ def _beta(value, lr, where):
         k = float(m.group(2))
         return lr / k if m.group(1) == "/" else lr * k
     return value
+
+
+_SPLIT_SIZES: dict = {}
+
+
+def available_train_samples(config: dict) -> int:
+    """The training split's size less validation, from the dataset's metadata (looked up
+    once per dataset); 0 when train_samples is set or the dataset cannot be read here (the
+    run then says why)."""
+    d = config["data"]
+    if d["train_samples"]:
+        return 0
+    key = (d["dataset"], d["data_dir"])
+    if key not in _SPLIT_SIZES:
+        from hvd_gradalign.data import dataset_info, get_builder
+
+        try:
+            _SPLIT_SIZES[key] = dataset_info(get_builder(d["dataset"], d["data_dir"] or None)).num_train
+        except (ValueError, FileNotFoundError):
+            _SPLIT_SIZES[key] = None
+    total = _SPLIT_SIZES[key]
+    return 0 if total is None else total - d["validation_samples"]
 
 
 def point_id(config: dict, workers: int) -> str:
@@ -163,6 +184,7 @@ def load(path, runs_root=None) -> Sweep:
                 # that a point that cannot run is never launched.
                 validate(config)
                 check_batch_split(config, workers)
+                check_data_fits(config, workers, available_train_samples(config))
             except ConfigError as err:
                 raise ConfigError(f"{path}: the point {what} cannot run: {err}") from None
             pid = point_id(config, workers)

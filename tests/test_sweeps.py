@@ -89,6 +89,17 @@ def test_spec_refuses_a_point_that_cannot_run(tmp_path):
     assert dry.returncode == 2 and "batch_size=300" in dry.stderr and "would run" not in dry.stdout
 
 
+def test_spec_refuses_a_batch_larger_than_the_data(tmp_path):
+    path = write_spec(tmp_path, batches="[512, 2048]")   # 1,024 training samples
+    with pytest.raises(ConfigError, match=r"batch_size=2048.*cannot run: 1024 training samples give each of "
+                                          r"2 workers 512, fewer than one local batch of 1024"):
+        sweep_spec.load(path, tmp_path / "runs")
+    path.write_text(path.read_text().replace("train_samples = 1024", "train_samples = 0")
+                    .replace("validation_samples = 256", "validation_samples = 59000"))
+    with pytest.raises(ConfigError, match=r"1000 training samples give each"):   # 60,000 - 59,000
+        sweep_spec.load(path, tmp_path / "runs")
+
+
 def test_run_where_selects_the_points_a_launcher_takes(tmp_path):
     path, runs = write_spec(tmp_path), tmp_path / "runs"
     dry = sweeps_cli("run", path, "--dry-run", "--runs-root", runs, "--where", "batch_size=256")

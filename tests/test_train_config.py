@@ -276,3 +276,18 @@ def test_subset_seed_reads_a_seeded_random_subset_outside_validation():
     _, (x, _), _, _ = data.load_arrays("fashion_mnist", None, validation_samples=5000, train_samples=500,
                                        test_samples=100, subset_seed=0)
     assert np.array_equal(x, a)
+
+
+def test_messages_found_by_a_new_user():
+    with pytest.raises(ConfigError, match=r"e\.g\. 4\)?$"):
+        check_batch_split(load(["--batch-size", "2"]), 4)                 # not "4 or 4"
+    with pytest.raises(ConfigError, match=r"split into 3 workers; use a multiple of 3, e\.g\. 9 or 12"):
+        check_batch_split(load(["--batch-size", "10"]), 3)
+    with pytest.raises(ConfigError, match=r"/ 1 worker\) is not a multiple of optim\.micro_batch_size = 64; "
+                                          r"use a global batch that is a multiple of 64, e\.g\. 64 or 128"):
+        check_batch_split(load(["--batch-size", "100", "--micro-batch-size", "64"]), 1)
+    assert load(["--set", 'optim.lr_scaling="none"'])["optim"]["lr_scaling"] == "none"
+    assert load(["--set", "optim.lr_scaling='sqrt'"])["optim"]["lr_scaling"] == "sqrt"
+    assert load(["--lr-scaling", "none"])["optim"]["lr_scaling"] == "none"
+    with pytest.raises(ValueError, match=r"unknown dataset 'foo_bar': no tensorflow-datasets builder"):
+        data.get_builder("foo_bar")

@@ -209,6 +209,12 @@ def _parse_value(key, text):
         except json.JSONDecodeError as err:
             raise ConfigError(f"{key}: cannot parse {text!r} as {type(default).__name__}") from err
         return value
+    # A string may be written as in TOML ("none", 'none') or bare (none).
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"{key}: cannot parse {text!r} as a string") from None
     return text
 
 
@@ -288,11 +294,25 @@ def micro_batches_per_worker(config: dict, workers: int) -> int:
     if not o["micro_batch_size"]:
         return o["micro_batches"]
     local = config["train"]["batch_size"] // workers
-    if local % o["micro_batch_size"] or local < o["micro_batch_size"]:
+    size = o["micro_batch_size"]
+    if local % size or local < size:
+        unit = size * workers
         raise ConfigError(
-            f"the local batch {local} (global {config['train']['batch_size']} / {workers} workers) "
-            f"is not a multiple of optim.micro_batch_size = {o['micro_batch_size']}")
-    return local // o["micro_batch_size"]
+            f"the local batch {local} (global {config['train']['batch_size']} / {_workers(workers)}) "
+            f"is not a multiple of optim.micro_batch_size = {size}; use a global batch that is a "
+            f"multiple of {unit}, e.g. {_nearest(config['train']['batch_size'], unit)}")
+    return local // size
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"
+
+
+def _nearest(value: int, unit: int) -> str:
+    """The multiples of ``unit`` next to ``value``, without repeats ("96 or 104", "4")."""
+    lower = value - value % unit
+    options = [m for m in (lower, lower + unit) if m > 0]
+    return " or ".join(str(m) for m in dict.fromkeys(options))
 
 
 def check_batch_split(config: dict, workers: int) -> None:
@@ -304,10 +324,23 @@ def check_batch_split(config: dict, workers: int) -> None:
     gb = config["train"]["batch_size"]
     micro_batches_per_worker(config, workers)
     if gb % workers:
-        lower = gb - gb % workers
         raise ConfigError(
-            f"global batch {gb} does not split into {workers} workers; use a multiple of {workers}, "
-            f"e.g. {lower or workers} or {lower + workers}")
+            f"global batch {gb} does not split into {_workers(workers)}; use a multiple of {workers}, "
+            f"e.g. {_nearest(gb, workers)}")
+
+
+def check_data_fits(config: dict, workers: int, available: int) -> None:
+    """Every worker must hold at least one local batch of the training samples the
+    config leaves it (``available``: the split less validation; 0 if unknown)."""
+    if config["federated"]["algorithm"] != "none":
+        return
+    n = config["data"]["train_samples"] or available
+    batch = config["train"]["batch_size"]
+    if n and n // workers < batch // workers:
+        raise ConfigError(
+            f"{n} training samples give each of {_workers(workers)} {n // workers}, fewer than one local "
+            f"batch of {batch // workers} (global batch {batch}); lower train.batch_size to at most "
+            f"{n - n % workers} or use more samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
