@@ -98,9 +98,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from sweeps.report import report
+    from sweeps.report import pending_row, report
 
-    header = ""
+    header, pending = "", []
     if args.spec:
         runs_dir = Path(args.runs_dir).resolve()
         # The runs folder is <runs root>/<sweep name>: its parent is the runs root.
@@ -114,7 +114,8 @@ def cmd_report(args) -> int:
             header = (f"PARTIAL: {done} of the {len(states)} points of {args.spec} are done "
                       f"({', '.join(f'{n} {s}' for s, n in sorted(Counter(states.values()).items()))}); "
                       "the sweep resumes with `python -m sweeps run` on the same spec.\n\n")
-    report(args.runs_dir, args.out, args.at, header=header)
+        pending = [pending_row(p.id, p.config, p.workers) for p in sweep.points if not p.run_dir.exists()]
+    report(args.runs_dir, args.out, args.at, header=header, pending=pending)
     return 0
 
 

@@ -29,7 +29,7 @@ COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size
            "micro_batches", "micro_batch_size", "lr", "lr_scaling", "warmup_epochs", "beta", "seed",
            "epochs", "epochs_done", "epoch", "train_accuracy", "train_loss", "val_accuracy",
            "test_accuracy", "test_loss", "grad_variance", "grad_variance_ratio", "images_per_sec",
-           "wall_time", "train_samples", "subset_seed", "warmup_from"]
+           "wall_time", "train_samples", "subset_seed", "warmup_from", "train_accuracy_from"]
 SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta")
 
 
@@ -40,6 +40,19 @@ def _micro(config, workers):
     if size:
         return local // size, size
     return o["micro_batches"], local // o["micro_batches"]
+
+
+def pending_row(point_id, config, workers) -> dict:
+    """A row for a point of the spec that has not started (no run folder yet)."""
+    o, t, d = config["optim"], config["train"], config["data"]
+    row = dict.fromkeys(COLUMNS)
+    row.update({"id": point_id, "status": "pending", "dataset": d["dataset"], "model": config["model"]["model"],
+                "optimizer": o["optimizer"], "inner": o["inner"], "batch_size": t["batch_size"],
+                "workers": workers, "lr": o["lr"], "lr_scaling": o["lr_scaling"],
+                "warmup_epochs": o["warmup_epochs"], "beta": o["beta"], "seed": t["seed"], "epochs": t["epochs"],
+                "epochs_done": 0, "train_samples": d["train_samples"], "subset_seed": d["subset_seed"],
+                "warmup_from": o["warmup_from"] if o["warmup_epochs"] else ""})
+    return row
 
 
 def collect(runs_dir, at="final") -> list[dict]:
@@ -79,6 +92,7 @@ def collect(runs_dir, at="final") -> list[dict]:
             "wall_time": history[-1].get("wall_time") if history else None,
             "train_samples": d.get("train_samples", 0), "subset_seed": d.get("subset_seed", -1),
             "warmup_from": o.get("warmup_from", "lr") if o["warmup_epochs"] else "",
+            "train_accuracy_from": "evaluation" if "train_eval_accuracy" in row else "running mean",
         })
         if summary.get("status") == "diverged":
             rows[-1]["status"] = "diverged"
@@ -121,7 +135,10 @@ def apply_choice(rows, chosen, subset):
 
 
 def _gap(r):
-    if r["train_accuracy"] is None or r["test_accuracy"] is None:
+    """train − test accuracy, from a clean evaluation of the training set only: Keras'
+    running mean over an epoch trails the model and would make the gap look negative."""
+    if (r["train_accuracy"] is None or r["test_accuracy"] is None
+            or r.get("train_accuracy_from") != "evaluation"):
         return None
     return r["train_accuracy"] - r["test_accuracy"]
 
@@ -282,7 +299,8 @@ def _beta_curve(rows, chosen, out, plt):
     return path
 
 
-def report(runs_dir, out=None, at="final", header="") -> dict:
+def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
+    """``pending``: rows (pending_row) for points of the spec that have no folder yet."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"{runs_dir} is not a folder of sweep runs")
@@ -294,9 +312,9 @@ def report(runs_dir, out=None, at="final", header="") -> dict:
     if run_dirs and all(federated_report.is_federated(read_json(p / "config.json")) for p in run_dirs):
         return federated_report.report(run_dirs, out, at, header=header)
     rows = collect(runs_dir, at)
-    if not rows:
+    if not rows and not pending:
         raise FileNotFoundError(f"no runs (folders with config.json or point.toml) in {runs_dir}")
-    write_csv_atomic(out / "results.csv", rows, COLUMNS)
+    write_csv_atomic(out / "results.csv", rows + list(pending), COLUMNS)
     # Several training subsets (data.subset_seed): settings are chosen on the first and
     # applied unchanged to the others, which play no part in any choice.
     subsets = sorted({r["subset_seed"] for r in rows})

@@ -314,6 +314,29 @@ def test_report_chooses_on_the_first_subset_and_applies_it_to_the_second(tmp_pat
     assert sorted(r["subset_seed"] for r in rows) == ["0", "0", "1", "1"]
 
 
+def test_report_gap_needs_a_clean_train_accuracy_and_lists_points_not_started(tmp_path):
+    """Keras' running training accuracy trails the model (a negative gap on short runs):
+    the gap is shown only where the run evaluated its training set. With --spec,
+    results.csv has a row for every point, started or not."""
+    path, runs = write_spec(tmp_path, batches="[128]", optimizers='["sgd"]'), tmp_path / "runs"
+    sweep = sweep_spec.load(path, runs)
+    d = runs / "tiny" / sweep.points[0].id
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(sweep.points[0].config))
+    (d / "summary.json").write_text(json.dumps({"status": "finished", "workers": 2, "epochs_done": 1}))
+    row = {"epoch": 1, "accuracy": 0.60, "loss": 0.3, "val_accuracy": 0.7, "test_accuracy": 0.71,
+           "images_per_sec": 1.0, "grad_variance": 1.0}
+    (d / "metrics.json").write_text(json.dumps([row]))
+    assert "(gap " not in report(runs / "tiny")["table"]
+    (d / "metrics.json").write_text(json.dumps([{**row, "train_eval_accuracy": 0.75}]))
+    assert "(gap +4.00; " in report(runs / "tiny")["table"]
+    path.write_text(path.read_text().replace("[128]", "[128, 256]"))
+    proc = sweeps_cli("report", runs / "tiny", "--spec", path)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(runs / "tiny" / "results.csv")))
+    assert sorted((r["batch_size"], r["status"]) for r in rows) == [("128", "done"), ("256", "pending")]
+
+
 def test_report_plots_the_beta_curve_at_every_gradalign_batch(tmp_path):
     runs = tmp_path / "runs"
     points = [(b, "sgd", 0.0, 0.80) for b in (512, 2048)] + [
