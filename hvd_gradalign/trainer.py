@@ -178,7 +178,15 @@ def install() -> None:
             _no_xla(self)
             check_equal_steps(local_steps(bound.get("x"), bound.get("batch_size"),
                                           bound.get("validation_split") or 0.0, bound.get("steps_per_epoch")))
-        return stock_fit(self, *args, **kwargs)
+        try:
+            return stock_fit(self, *args, **kwargs)
+        except Exception:
+            # A step that failed while being traced (a wrong input shape, say) leaves a
+            # train function Keras would reuse and that can never run again: drop it, as
+            # wrap() does, so that the next fit traces afresh (plain Keras recovers too).
+            if isinstance(self.optimizer, GradAlign):
+                self.train_function = None
+            raise
 
     def reset_metrics(self):
         stock_reset(self)

@@ -430,3 +430,14 @@ def test_keras_internals_sit_behind_one_module_with_a_clear_error():
         keras_internals.call_has_training_arg(object())
     with pytest.raises(keras_internals.KerasInternalsError, match=r"_loss_tracker \(is the model compiled\?\)"):
         keras_internals.loss_tracker(object())
+
+
+def test_a_failed_fit_leaves_the_model_trainable(hvd):
+    """A GradAlign fit that fails inside the step (wrong input width) must not break the
+    next fit, as it does not in plain Keras."""
+    x, y = _data()
+    model = _compile(_model(), hga.GradAlign(keras.optimizers.SGD(0.1), beta=0.1, micro_batches=4))
+    with pytest.raises(ValueError):
+        model.fit(np.ones((64, 7), "float32"), y, batch_size=16, verbose=0)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0]) and "grad_variance" in history.history
