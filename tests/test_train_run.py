@@ -240,3 +240,18 @@ def test_an_epoch_cut_short_by_a_signal_is_not_evaluated(tmp_path):
     guard.interrupted_at = (2, 8)                          # at the epoch's last batch: whole
     evaluation.on_epoch_end(2, logs)
     assert Model.evaluated == 2
+
+
+def test_a_checkpoint_of_a_cut_short_epoch_counts_its_time(tmp_path):
+    """The wall time a resumed run starts from includes the epoch a signal cut short."""
+    from train.recorder import RunRecorder
+
+    guard = hga.StepGuard(install_signal_handlers=False)
+    recorder = RunRecorder(tmp_path, guard, [{"epoch": 1, "wall_time": 10.0}], every=1, epochs=3,
+                           steps_per_epoch=8, wall_time_before=10.0)
+    recorder.set_model(build_model("mlp", (4,), 2))
+    time.sleep(0.5)                        # the cut-short epoch's work
+    guard.interrupted_at = (1, 3)
+    recorder.on_epoch_end(1, {})
+    _, state = checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))
+    assert (state["epoch"], state["step"]) == (1, 3) and state["wall_time"] >= 10.5

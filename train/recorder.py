@@ -76,8 +76,10 @@ class RunRecorder(keras.callbacks.Callback):
     mid-epoch and finished after resuming) and never checkpoints a diverged state."""
 
     def __init__(self, run_dir, guard: hga.StepGuard, history: list, every: int, epochs: int,
-                 steps_per_epoch: int, resume_at=(0, 0)):
+                 steps_per_epoch: int, resume_at=(0, 0), wall_time_before: float = 0.0):
         super().__init__()
+        self.wall_time_before = wall_time_before
+        self._started = time.perf_counter()
         self.run_dir = run_dir
         self.guard = guard
         self.history = history
@@ -116,7 +118,8 @@ class RunRecorder(keras.callbacks.Callback):
 
     def save(self, epoch, step):
         if self.rank0:
-            wall = self.history[-1]["wall_time"] if self.history else 0.0
+            # Now, not the last recorded epoch's: a cut-short epoch's time counts too.
+            wall = self.wall_time_before + time.perf_counter() - self._started
             checkpoint.save(self.run_dir / "checkpoints", self.model, epoch, step,
                             history=self.history, wall_time=wall)
         self.last_saved = (epoch, step)

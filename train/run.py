@@ -131,7 +131,7 @@ def run(config) -> int:
         f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
     guard = hga.StepGuard()
     recorder = RunRecorder(run_dir, guard, start.history, t["checkpoint_every"], t["epochs"], steps,
-                           resume_at=(start.epoch, start.step))
+                           resume_at=(start.epoch, start.step), wall_time_before=start.wall_time)
     evaluated = {"val": pipes.validation, "test": pipes.test,
                  "train_eval": pipes.train_eval if t["eval_train"] else None}
     callbacks = [hga.BroadcastInitialState(), EpochStats(t["batch_size"], start.wall_time),
