@@ -80,8 +80,7 @@ def save(root, model: keras.Model, epoch: int, step: int = 0, keep: int = 2, **s
     os.chmod(tmp, 0o777 & ~_umask())
     model.save(tmp / "model.keras")
     write_text_atomic(tmp / "state.json", json.dumps({"epoch": epoch, "step": step, **state}))
-    manifest = {f: {"size": (tmp / f).stat().st_size, "sha256": _digest(tmp / f)} for f in PAYLOAD}
-    write_text_atomic(tmp / "manifest.json", json.dumps(manifest))
+    write_manifest(tmp, PAYLOAD)
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -95,8 +94,22 @@ def save(root, model: keras.Model, epoch: int, step: int = 0, keep: int = 2, **s
     return final
 
 
+def write_manifest(folder, files) -> None:
+    """manifest.json in ``folder``: the size and SHA-256 of each of ``files``, written
+    last, so that a folder with a manifest is complete and can be checked."""
+    folder = Path(folder)
+    manifest = {f: {"size": (folder / f).stat().st_size, "sha256": _digest(folder / f)} for f in files}
+    write_text_atomic(folder / "manifest.json", json.dumps(manifest))
+
+
+def readable_by_umask(path) -> None:
+    """Give a file made by mkstemp (0600) the permissions the umask allows."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def verify(path) -> str | None:
-    """Why the checkpoint at ``path`` is damaged, or None when it is intact."""
+    """Why the checkpoint at ``path`` is damaged, or None when it is intact: every file
+    its manifest lists is there with the size and checksum it was written with."""
     path = Path(path)
     if not path.is_dir():
         return "missing"
@@ -106,7 +119,7 @@ def verify(path) -> str | None:
         return "no manifest.json (incomplete)"
     except json.JSONDecodeError:
         return "manifest.json is damaged"
-    for name in PAYLOAD:
+    for name in manifest:
         f = path / name
         if not f.exists():
             return f"{name} is missing"
@@ -117,7 +130,7 @@ def verify(path) -> str | None:
     return None
 
 
-def latest(root, warn=print) -> Path | None:
+def latest(root, warn=print, pattern="ckpt-*") -> Path | None:
     """The newest intact checkpoint under ``root``: the one LATEST names, else the
     newest other intact one (``warn`` says what was skipped and why). None when
     there is no checkpoint at all; CheckpointError when there are only damaged ones."""
@@ -126,7 +139,7 @@ def latest(root, warn=print) -> Path | None:
         named = (root / "LATEST").read_text().strip()
     except FileNotFoundError:
         named = None
-    candidates = sorted((p for p in root.glob("ckpt-*") if p.is_dir()), reverse=True)
+    candidates = sorted((p for p in root.glob(pattern) if p.is_dir()), reverse=True)
     if named:
         candidates = [root / named] + [p for p in candidates if p.name != named]
     if not candidates:

@@ -1,5 +1,7 @@
 """Federated rounds (FedAvg, FedGA, SCAFFOLD, FedProx) against a float64 NumPy oracle."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -385,3 +387,34 @@ def test_differences_against_fedavg_are_paired_by_seed():
               ("iid", "scaffold"): ((0.1,), rows({5: 0.9}))}
     lines = _against_fedavg(chosen, ["iid"], ["fedavg", "fedga", "scaffold"])
     assert "| iid | +3.00 ± 1.41 (n=2) | – |" in lines
+
+
+def test_federated_checkpoints_are_verified_and_readable_by_the_group(tmp_path, hvd):
+    """Like the training checkpoints: a manifest with every worker's state file, the
+    umask's permissions (not mkstemp's 0600), and a damaged latest checkpoint skipped
+    with a warning in favour of the one before."""
+    import os
+    import stat
+
+    from hvd_gradalign.federated import FederatedState
+    from train.federated_run import _load, _save
+
+    old = os.umask(0o022)
+    try:
+        for r in (1, 2):
+            state = FederatedState([np.full(3, float(r))], round=r)
+            _save(tmp_path, state, 0, [{"round": r}], wall=float(r))
+    finally:
+        os.umask(old)
+    latest = tmp_path / "checkpoints" / "round-000002"
+    assert json.loads((latest / "manifest.json").read_text()).keys() == {"meta.json", "state-rank0.npz"}
+    assert stat.S_IMODE((latest / "state-rank0.npz").stat().st_mode) == 0o644
+    state, meta = _load(tmp_path, 0, 1)
+    assert state.round == 2 and meta["wall_time"] == 2.0
+    with open(latest / "state-rank0.npz", "r+b") as f:   # damage it
+        f.seek(20)
+        f.write(b"\0\0\0\0")
+    warnings = []
+    state, _ = _load(tmp_path, 0, 1, warn=warnings.append)
+    assert state.round == 1 and np.array_equal(state.weights[0], np.full(3, 1.0))
+    assert "round-000002: state-rank0.npz does not match its checksum" in warnings[0]

@@ -48,12 +48,16 @@ def _save(run_dir: Path, state, rank: int, history: list, wall: float) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".state-rank{rank}.", suffix=".npz")
     os.close(fd)
     np.savez(tmp, **state.to_arrays())
+    checkpoint.readable_by_umask(tmp)
     os.replace(tmp, folder / f"state-rank{rank}.npz")
     distributed.barrier()
     if rank == 0:
         checkpoint.write_text_atomic(folder / "meta.json", json.dumps(
             {"round": state.round, "history": history, "wall_time": wall,
              "workers": distributed.size()}))
+        # Verified on resume like the training checkpoints: every worker's state file.
+        checkpoint.write_manifest(folder, ["meta.json"] + [f"state-rank{r}.npz"
+                                                           for r in range(distributed.size())])
         checkpoint.write_text_atomic(root / "LATEST", name)
         for old in sorted(p for p in root.glob("round-*") if p.is_dir())[:-2]:
             import shutil
@@ -62,19 +66,17 @@ def _save(run_dir: Path, state, rank: int, history: list, wall: float) -> None:
     distributed.barrier()
 
 
-def _load(run_dir: Path, rank: int, workers: int):
+def _load(run_dir: Path, rank: int, workers: int, warn=print):
     from hvd_gradalign.federated import FederatedState
 
-    root = run_dir / "checkpoints"
-    try:
-        name = (root / "LATEST").read_text().strip()
-    except FileNotFoundError:
+    folder = checkpoint.latest(run_dir / "checkpoints", warn=warn, pattern="round-*")
+    if folder is None:
         return None
-    meta = json.loads((root / name / "meta.json").read_text())
+    meta = json.loads((folder / "meta.json").read_text())
     if meta["workers"] != workers:
-        raise ValueError(f"{root / name} was written by {meta['workers']} workers; resume it with "
+        raise ValueError(f"{folder} was written by {meta['workers']} workers; resume it with "
                          f"the same number (clients' control variates are kept per worker)")
-    state = FederatedState.from_arrays(dict(np.load(root / name / f"state-rank{rank}.npz")))
+    state = FederatedState.from_arrays(dict(np.load(folder / f"state-rank{rank}.npz")))
     return state, meta
 
 
@@ -103,7 +105,7 @@ def run_federated(config, run_dir: Path, log) -> int:
                   metrics=["accuracy"], jit_compile=False)
     trainer = federated.FederatedTrainer(model, model.loss, x, y, clients, cfg)
 
-    resumed = _load(run_dir, rank, workers) if t["resume"] else None
+    resumed = _load(run_dir, rank, workers, warn=log) if t["resume"] else None
     if resumed is not None:
         state, meta = resumed
         history, wall_before = meta["history"], meta["wall_time"]
