@@ -396,6 +396,30 @@ def test_fit_with_steps_per_epoch_on_an_endless_dataset_and_initial_epoch(hvd):
     assert history.epoch == [2, 3] and int(model.optimizer.iterations) == 6
 
 
+def _example_on_two_workers(script, *args):
+    """Run examples/SCRIPT on 2 workers; (stdout, test accuracy), weights equal on both."""
+    import re
+
+    from tests.conftest import horovodrun
+
+    out = horovodrun(2, [f"examples/{script}", *args], timeout=600).stdout
+    sums = re.findall(r"rank \d weights checksum: (\S+)", out)
+    assert len(sums) == 2 and sums[0] == sums[1], out[-3000:]
+    return out, float(re.search(r"Test accuracy: ([0-9.]+)", out).group(1))
+
+
+@pytest.mark.horovod
+def test_functional_tf_data_example_on_two_workers():
+    out, accuracy = _example_on_two_workers("functional_tf_data.py", "--samples", "2050", "--epochs", "1")
+    assert "11/11" in out and accuracy > 0.4, out[-3000:]       # 1,025 a worker: last batch 25
+
+
+@pytest.mark.horovod
+def test_subclassed_train_step_example_on_two_workers():
+    out, accuracy = _example_on_two_workers("subclassed_train_step.py", "--samples", "2000", "--epochs", "1")
+    assert "grad_variance logged: True" in out and "input_norm" in out and accuracy > 0.4, out[-3000:]
+
+
 @pytest.mark.horovod
 def test_keras_docs_convnet_example_on_two_workers():
     """examples/keras_mnist_convnet.py: the Keras docs' script with only compile (and the
