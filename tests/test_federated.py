@@ -300,6 +300,7 @@ name = "fed"
 base_config = "train/configs/fashion_mnist_fedga.toml"
 [fixed]
 model = "mlp"
+lr = 0.05
 train_samples = 600
 validation_samples = 200
 test_samples = 200
