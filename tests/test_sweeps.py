@@ -271,20 +271,24 @@ def test_local_sweep_runs_resumes_and_reports(tmp_path):
         assert (runs / "tiny" / name).stat().st_size > 1000
 
 
+def fake_run(d, *, lr=0.1, val=0.8, test=0.8, optimizer="sgd", beta=0.0, batch=64, data=None):
+    """A finished run folder as `python -m train` leaves it, with one evaluated epoch."""
+    d.mkdir(parents=True)
+    config = {"data": {"dataset": "x", **(data or {})}, "model": {"model": "mlp"},
+              "optim": {"optimizer": optimizer, "inner": "sgd", "micro_batches": 4 if beta else 1, "lr": lr,
+                        "lr_scaling": "none", "warmup_epochs": 0.0, "beta": beta},
+              "train": {"batch_size": batch, "seed": 0, "epochs": 1}}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "summary.json").write_text(json.dumps({"status": "finished"}))
+    (d / "metrics.json").write_text(json.dumps([{"epoch": 1, "accuracy": 0.9, "loss": 0.3, "val_accuracy": val,
+                                                 "test_accuracy": test, "images_per_sec": 1.0,
+                                                 "grad_variance": 1.0}]))
+
+
 def test_report_selects_on_validation_not_test(tmp_path):
     runs = tmp_path / "runs"
     for i, (lr, val, test) in enumerate([(0.1, 0.90, 0.70), (0.2, 0.80, 0.95)]):
-        d = runs / f"p{i}"
-        d.mkdir(parents=True)
-        config = {"data": {"dataset": "x"}, "model": {"model": "mlp"},
-                  "optim": {"optimizer": "sgd", "inner": "sgd", "micro_batches": 1, "lr": lr,
-                            "lr_scaling": "none", "warmup_epochs": 0.0, "beta": 0.0},
-                  "train": {"batch_size": 64, "seed": 0, "epochs": 1}}
-        (d / "config.json").write_text(json.dumps(config))
-        (d / "summary.json").write_text(json.dumps({"status": "finished"}))
-        (d / "metrics.json").write_text(json.dumps([{"epoch": 1, "accuracy": 0.9, "loss": 0.3,
-                                                     "val_accuracy": val, "test_accuracy": test,
-                                                     "images_per_sec": 1.0, "grad_variance": 1.0}]))
+        fake_run(runs / f"p{i}", lr=lr, val=val, test=test)
     result = report(runs)
     assert "70.00 ± 0.00" in result["table"] and "lr=0.1" in result["table"]
 
@@ -295,17 +299,7 @@ def test_report_chooses_on_the_first_subset_and_applies_it_to_the_second(tmp_pat
     runs = tmp_path / "runs"
     points = [(0, 0.1, 0.90, 0.70), (0, 0.2, 0.80, 0.95), (1, 0.1, 0.70, 0.60), (1, 0.2, 0.99, 0.99)]
     for i, (subset, lr, val, test) in enumerate(points):
-        d = runs / f"p{i}"
-        d.mkdir(parents=True)
-        config = {"data": {"dataset": "x", "train_samples": 100, "subset_seed": subset}, "model": {"model": "mlp"},
-                  "optim": {"optimizer": "sgd", "inner": "sgd", "micro_batches": 1, "lr": lr,
-                            "lr_scaling": "none", "warmup_epochs": 0.0, "beta": 0.0},
-                  "train": {"batch_size": 64, "seed": 0, "epochs": 1}}
-        (d / "config.json").write_text(json.dumps(config))
-        (d / "summary.json").write_text(json.dumps({"status": "finished"}))
-        (d / "metrics.json").write_text(json.dumps([{"epoch": 1, "accuracy": 0.9, "loss": 0.3,
-                                                     "val_accuracy": val, "test_accuracy": test,
-                                                     "images_per_sec": 1.0, "grad_variance": 1.0}]))
+        fake_run(runs / f"p{i}", lr=lr, val=val, test=test, data={"train_samples": 100, "subset_seed": subset})
     result = report(runs)
     a, b = result["table"].split("### subset_seed 1")
     assert "### subset_seed 0 (every setting chosen here)" in a and "70.00 ± 0.00" in a and "lr=0.1" in a
@@ -342,17 +336,7 @@ def test_report_plots_the_beta_curve_at_every_gradalign_batch(tmp_path):
     points = [(b, "sgd", 0.0, 0.80) for b in (512, 2048)] + [
         (b, "gradalign", beta, acc) for b in (512, 2048) for beta, acc in ((0.05, 0.82), (0.2, 0.85))]
     for i, (batch, optimizer, beta, acc) in enumerate(points):
-        d = runs / f"p{i}"
-        d.mkdir(parents=True)
-        config = {"data": {"dataset": "x"}, "model": {"model": "mlp"},
-                  "optim": {"optimizer": optimizer, "inner": "sgd", "micro_batches": 4, "lr": 0.1,
-                            "lr_scaling": "none", "warmup_epochs": 0.0, "beta": beta},
-                  "train": {"batch_size": batch, "seed": 0, "epochs": 1}}
-        (d / "config.json").write_text(json.dumps(config))
-        (d / "summary.json").write_text(json.dumps({"status": "finished"}))
-        (d / "metrics.json").write_text(json.dumps([{"epoch": 1, "accuracy": 0.9, "loss": 0.3,
-                                                     "val_accuracy": acc, "test_accuracy": acc,
-                                                     "images_per_sec": 1.0, "grad_variance": 1.0}]))
+        fake_run(runs / f"p{i}", optimizer=optimizer, beta=beta, batch=batch, val=acc, test=acc)
     result = report(runs)
     import matplotlib.image
 
