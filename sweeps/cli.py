@@ -13,13 +13,13 @@ from sweeps import state
 from sweeps.local import LocalLauncher
 from sweeps.slurm import SlurmLauncher
 from sweeps.spec import load
-from train.config import ConfigError
+from train.config import ConfigError, budget
 
 TODO = (state.PENDING, state.FAILED, state.INTERRUPTED)
 
 
 def _states(sweep, active=frozenset()):
-    return {p.id: state.point_state(p.run_dir, active, state.budget(p.config)) for p in sweep.points}
+    return {p.id: state.point_state(p.run_dir, active, budget(p.config)) for p in sweep.points}
 
 
 LAUNCHERS = {"local": LocalLauncher, "slurm": SlurmLauncher}
@@ -33,12 +33,11 @@ def _active():
 def _selected(sweep, where):
     """The points whose grid values match every KEY=VALUE of ``where`` (compared as text,
     so batch_size=8192 and lr=0.1 read as written)."""
-    wanted = []
+    wanted, known = [], {k for p in sweep.points for k in p.params}
     for item in where:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--where expects KEY=VALUE, got {item!r}")
-        known = {k for p in sweep.points for k in p.params}
         if key not in known:
             raise ConfigError(f"--where {item}: {key!r} is not a grid key of {sweep.path}; "
                               f"grid keys are {sorted(known)}")

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from sweeps import state
-from sweeps.spec import REPO, write_point_config
 from sweeps.launcher import Launcher
+from sweeps.spec import REPO, write_point_config
+from train.config import budget
 from train.launch import horovodrun_command, subprocess_env
 
 STOP_GRACE_S = 120  # how long an interrupted point may take to checkpoint and exit
@@ -102,7 +103,7 @@ class LocalLauncher(Launcher):
         for i, p in enumerate(points, 1):
             with claim(p.run_dir) as mine:
                 # Checked under the lock: another launcher may have finished it meanwhile.
-                now = state.point_state(p.run_dir, wanted=state.budget(p.config)) if mine else state.RUNNING
+                now = state.point_state(p.run_dir, wanted=budget(p.config)) if mine else state.RUNNING
                 if now in (state.DONE, state.RUNNING):
                     print(f"[{i}/{len(points)}] {p.id} skipped: {now} in another launcher", flush=True)
                     self.skipped.append(p.id)

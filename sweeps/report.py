@@ -23,7 +23,8 @@ from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps.selection import AT, best_setting, mean_std, pick_epoch
-from sweeps.state import budget, point_state, read_json
+from sweeps.state import point_state, read_json
+from train.config import budget
 
 COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size", "workers",
            "micro_batches", "micro_batch_size", "lr", "lr_scaling", "warmup_epochs", "beta", "seed",
@@ -42,17 +43,20 @@ def _micro(config, workers):
     return o["micro_batches"], local // o["micro_batches"]
 
 
+def _config_fields(config) -> dict:
+    """The columns a run's config decides."""
+    o, t, d = config["optim"], config["train"], config["data"]
+    return {"dataset": d["dataset"], "model": config["model"]["model"], "optimizer": o["optimizer"],
+            "inner": o["inner"], "batch_size": t["batch_size"], "lr": o["lr"], "lr_scaling": o["lr_scaling"],
+            "warmup_epochs": o["warmup_epochs"], "beta": o["beta"], "seed": t["seed"], "epochs": t["epochs"],
+            "train_samples": d.get("train_samples", 0), "subset_seed": d.get("subset_seed", -1),
+            "warmup_from": o.get("warmup_from", "lr") if o["warmup_epochs"] else ""}
+
+
 def pending_row(point_id, config, workers) -> dict:
     """A row for a point of the spec that has not started (no run folder yet)."""
-    o, t, d = config["optim"], config["train"], config["data"]
-    row = dict.fromkeys(COLUMNS)
-    row.update({"id": point_id, "status": "pending", "dataset": d["dataset"], "model": config["model"]["model"],
-                "optimizer": o["optimizer"], "inner": o["inner"], "batch_size": t["batch_size"],
-                "workers": workers, "lr": o["lr"], "lr_scaling": o["lr_scaling"],
-                "warmup_epochs": o["warmup_epochs"], "beta": o["beta"], "seed": t["seed"], "epochs": t["epochs"],
-                "epochs_done": 0, "train_samples": d["train_samples"], "subset_seed": d["subset_seed"],
-                "warmup_from": o["warmup_from"] if o["warmup_epochs"] else ""})
-    return row
+    return {**dict.fromkeys(COLUMNS), **_config_fields(config), "id": point_id, "status": "pending",
+            "workers": workers, "epochs_done": 0}
 
 
 def collect(runs_dir, at="final") -> list[dict]:
@@ -69,7 +73,6 @@ def collect(runs_dir, at="final") -> list[dict]:
         launcher = read_json(run_dir / "launcher.json") or {}
         history = read_json(run_dir / "metrics.json") or []
         row = pick_epoch(history, at)
-        o, t, d = config["optim"], config["train"], config["data"]
         workers = summary.get("workers") or launcher.get("workers")
         micro, micro_size = _micro(config, workers) if workers else (None, None)
         ips = [r["images_per_sec"] for r in history if "images_per_sec" in r]
@@ -78,20 +81,15 @@ def collect(runs_dir, at="final") -> list[dict]:
         train_acc = row.get("train_eval_accuracy", row.get("accuracy"))
         train_loss = row.get("train_eval_loss", row.get("loss"))
         rows.append({
-            "id": run_dir.name, "status": point_state(run_dir, wanted=budget(planned or config)), "dataset": d["dataset"],
-            "model": config["model"]["model"], "optimizer": o["optimizer"], "inner": o["inner"],
-            "batch_size": t["batch_size"], "workers": workers, "micro_batches": micro,
-            "micro_batch_size": micro_size, "lr": o["lr"],
-            "lr_scaling": o["lr_scaling"], "warmup_epochs": o["warmup_epochs"], "beta": o["beta"],
-            "seed": t["seed"], "epochs": t["epochs"], "epochs_done": len(history),
+            **_config_fields(config), "id": run_dir.name,
+            "status": point_state(run_dir, wanted=budget(planned or config)), "workers": workers,
+            "micro_batches": micro, "micro_batch_size": micro_size, "epochs_done": len(history),
             "epoch": row.get("epoch"), "train_accuracy": train_acc, "train_loss": train_loss,
             "val_accuracy": row.get("val_accuracy"), "test_accuracy": row.get("test_accuracy"),
             "test_loss": row.get("test_loss"), "grad_variance": row.get("grad_variance"),
             "grad_variance_ratio": row.get("grad_variance_ratio"),
             "images_per_sec": statistics.median(ips) if ips else None,
             "wall_time": history[-1].get("wall_time") if history else None,
-            "train_samples": d.get("train_samples", 0), "subset_seed": d.get("subset_seed", -1),
-            "warmup_from": o.get("warmup_from", "lr") if o["warmup_epochs"] else "",
             "train_accuracy_from": "evaluation" if "train_eval_accuracy" in row else "running mean",
         })
         if summary.get("status") == "diverged":

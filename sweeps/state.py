@@ -58,12 +58,6 @@ def _from_run_files(run_dir: Path, summary: dict) -> str:
     return FAILED
 
 
-def budget(config: dict) -> int:
-    """The epochs (federated: rounds) a point's training config asks for."""
-    federated = config.get("federated", {}).get("algorithm", "none") != "none"
-    return config["federated"]["rounds"] if federated else config["train"]["epochs"]
-
-
 def point_state(run_dir, active_jobs=frozenset(), wanted=None) -> str:
     """done | failed | running | interrupted | pending.
 

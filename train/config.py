@@ -119,6 +119,12 @@ ADDED_LATER = {("data", "subset_seed"): -1,
                ("federated", "server_beta2"): 0.99, ("federated", "server_epsilon"): 1e-3}
 
 
+def budget(config: dict) -> int:
+    """The epochs (federated: rounds) a config asks for."""
+    federated = config.get("federated", {}).get("algorithm", "none") != "none"
+    return config["federated"]["rounds"] if federated else config["train"]["epochs"]
+
+
 def run_identity(config: dict, ignore=()) -> dict:
     """The part of a config that decides what a run computes.
 

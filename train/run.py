@@ -84,7 +84,7 @@ def run(config) -> int:
     import hvd_gradalign as hga
     from hvd_gradalign import checkpoint
     from hvd_gradalign.data import make_pipelines
-    from train.config import ConfigError, check_batch_split, resume_conflict
+    from train.config import ConfigError, budget, check_batch_split, resume_conflict
     from train.recorder import EpochStats, Evaluation, RunRecorder, best_row
     from train.resume import fit_remaining, restore
 
@@ -101,9 +101,7 @@ def run(config) -> int:
             raise ConfigError(f"{run_dir} holds a run that cannot be continued with this configuration: "
                               f"{conflict} ({config_path}); choose another --run-dir or delete that folder")
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        federated = config["federated"]["algorithm"] != "none"
-        wanted = config["federated"]["rounds"] if federated else t["epochs"]
-        if summary.get("status") == "finished" and summary.get("epochs_done", 0) >= wanted:
+        if summary.get("status") == "finished" and summary.get("epochs_done", 0) >= budget(config):
             log(f"run already finished: {run_dir} (see {summary_path}); nothing to do")
             return EXIT_OK
     check_writable(run_dir)
