@@ -78,15 +78,23 @@ class StepGuard(keras.callbacks.Callback):
 
     After ``fit`` returns, ``diverged`` or ``interrupted_at`` (epoch, batches done
     in that epoch) say why it stopped. The check costs one tiny allreduce per step
-    with several workers."""
+    with several workers.
+
+    A signal that arrives before this session's first step has ended calls
+    ``before_first_step(signal_name)`` at once, if given: the first step traces the
+    training function, which can take longer than the grace period a launcher gives
+    (horovodrun kills 5 s after forwarding a signal), and nothing has been trained
+    since the last checkpoint, so the caller can record the stop and exit."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
-    def __init__(self, install_signal_handlers: bool = True):
+    def __init__(self, install_signal_handlers: bool = True, before_first_step=None):
         super().__init__()
         self.signal_received = None
         self.diverged = False
         self.interrupted_at = None
+        self.steps_done = 0
+        self.before_first_step = before_first_step
         self._epoch = 0
         if install_signal_handlers:
             import signal
@@ -98,6 +106,8 @@ class StepGuard(keras.callbacks.Callback):
         import signal
 
         self.signal_received = signal.Signals(signum).name
+        if self.steps_done == 0 and self.before_first_step is not None:
+            self.before_first_step(self.signal_received)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -105,6 +115,7 @@ class StepGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         import math
 
+        self.steps_done += 1
         loss = (logs or {}).get("loss")
         bad = loss is not None and not math.isfinite(float(loss))
         flags = [float(self.signal_received is not None), float(bad)]

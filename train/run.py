@@ -78,6 +78,34 @@ def check_writable(run_dir: Path) -> None:
                           "--run-dir or fix its permissions") from None
 
 
+def write_summary(path, status, workers, global_batch, history, seconds) -> None:
+    from hvd_gradalign import checkpoint
+    from train.recorder import best_row
+
+    summary = {
+        "status": status, "run_dir": str(path.parent), "workers": workers, "global_batch": global_batch,
+        "epochs_done": len(history), "seconds_this_session": seconds,
+        "final": history[-1] if history else None,
+        "best_val": best_row(history),
+    }
+    checkpoint.write_text_atomic(path, json.dumps(summary, indent=1))
+
+
+def exit_before_first_step(signal_name, summary_path, start, workers, global_batch):
+    """Ends the process on a signal that came while the first step was still being
+    traced: nothing was trained since ``start``'s checkpoint (or since nothing), so a
+    re-run continues exactly where this one would have."""
+    import hvd_gradalign as hga
+
+    if hga.rank() == 0:
+        write_summary(summary_path, "interrupted", workers, global_batch, start.history, 0.0)
+        print(f"stopped by {signal_name} before the first step of this session; nothing was trained "
+              f"since epoch {start.epoch}, step {start.step}. Re-run the same command to resume.",
+              flush=True)
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
 def run(config) -> int:
     import keras
 
@@ -127,7 +155,8 @@ def run(config) -> int:
 
     log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers} workers, global batch "
         f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
-    guard = hga.StepGuard()
+    guard = hga.StepGuard(before_first_step=lambda name: exit_before_first_step(
+        name, summary_path, start, workers, t["batch_size"]))
     recorder = RunRecorder(run_dir, guard, start.history, t["checkpoint_every"], t["epochs"], steps,
                            resume_at=(start.epoch, start.step), wall_time_before=start.wall_time)
     evaluated = {"val": pipes.validation, "test": pipes.test,
@@ -142,14 +171,8 @@ def run(config) -> int:
     history = start.history
 
     status = "diverged" if guard.diverged else "interrupted" if guard.interrupted_at else "finished"
-    summary = {
-        "status": status, "run_dir": str(run_dir), "workers": workers, "global_batch": t["batch_size"],
-        "epochs_done": len(history), "seconds_this_session": time.perf_counter() - t0,
-        "final": history[-1] if history else None,
-        "best_val": best_row(history),
-    }
     if rank == 0:
-        checkpoint.write_text_atomic(summary_path, json.dumps(summary, indent=1))
+        write_summary(summary_path, status, workers, t["batch_size"], history, time.perf_counter() - t0)
     # Nobody leaves before rank 0 has written: a launcher that sees one task exit
     # may stop the others.
     hga.distributed.barrier()
