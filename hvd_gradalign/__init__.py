@@ -1,6 +1,6 @@
 """hvd_gradalign: large-batch data-parallel Keras 3 training on Horovod, with GradAlign."""
 
-from .callbacks import BroadcastInitialState, MetricAverage, StepGuard, callbacks
+from .callbacks import BroadcastInitialState, MetricAverage, StepGuard, StopSignals, callbacks
 from .distributed import (
     allreduce_mean,
     broadcast_variables,
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BroadcastInitialState", "DistributedOptimizer", "GRAD_VARIANCE", "GRAD_VARIANCE_RATIO",
-    "GradAlign", "GradAlignResult", "INNER_OPTIMIZERS", "make_inner", "MetricAverage", "StepGuard", "allreduce_mean", "broadcast_variables",
+    "GradAlign", "GradAlignResult", "INNER_OPTIMIZERS", "make_inner", "MetricAverage", "StepGuard", "StopSignals", "allreduce_mean", "broadcast_variables",
     "callbacks", "gradalign_gradients", "gradalign_step", "init", "is_horovod_active",
     "install", "local_rank", "local_size", "rank", "scaled_learning_rate", "size", "WarmupDecay", "wrap",
 ]

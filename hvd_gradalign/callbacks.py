@@ -70,44 +70,67 @@ def callbacks(root_rank: int = 0) -> list:
     return [BroadcastInitialState(root_rank), MetricAverage()]
 
 
-class StepGuard(keras.callbacks.Callback):
-    """Stops training, on every worker at the same step, when any worker's loss
-    is not finite or any worker received a stop signal (SIGTERM, SIGUSR1: what
-    SLURM sends before preemption or the time limit; SIGINT: Ctrl-C, which a
-    terminal sends to every process of the job).
+class StopSignals:
+    """Records the stop signals a job gets (SIGTERM, SIGUSR1: what SLURM sends before
+    preemption or the time limit; SIGINT: Ctrl-C, which a terminal sends to every
+    process of the job), for a training loop to act on at its next step boundary.
 
-    After ``fit`` returns, ``diverged`` or ``interrupted_at`` (epoch, batches done
-    in that epoch) say why it stopped. The check costs one tiny allreduce per step
-    with several workers.
-
-    A signal that arrives before this session's first step has ended calls
+    A signal that arrives before ``step_done`` was first called calls
     ``before_first_step(signal_name)`` at once, if given: the first step traces the
     training function, which can take longer than the grace period a launcher gives
     (horovodrun kills 5 s after forwarding a signal), and nothing has been trained
     since the last checkpoint, so the caller can record the stop and exit."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+    NAMES = ("SIGTERM", "SIGUSR1", "SIGINT")
 
-    def __init__(self, install_signal_handlers: bool = True, before_first_step=None):
-        super().__init__()
-        self.signal_received = None
-        self.diverged = False
-        self.interrupted_at = None
+    def __init__(self, install: bool = True, before_first_step=None):
+        self.received = None
         self.steps_done = 0
         self.before_first_step = before_first_step
-        self._epoch = 0
-        if install_signal_handlers:
+        if install:
             import signal
 
-            for name in self.SIGNALS:
+            for name in self.NAMES:
                 signal.signal(getattr(signal, name), self._on_signal)
 
     def _on_signal(self, signum, frame):
         import signal
 
-        self.signal_received = signal.Signals(signum).name
+        self.received = signal.Signals(signum).name
         if self.steps_done == 0 and self.before_first_step is not None:
-            self.before_first_step(self.signal_received)
+            self.before_first_step(self.received)
+
+    def step_done(self) -> None:
+        self.steps_done += 1
+
+    def anywhere(self) -> bool:
+        """Whether any worker received a signal (an allreduce with several workers,
+        so every worker must call it at the same step)."""
+        flag = float(self.received is not None)
+        if distributed.size() > 1:
+            flag = distributed.allreduce_mean_numpy([flag])[0]
+        return flag > 0
+
+
+class StepGuard(keras.callbacks.Callback):
+    """Stops training, on every worker at the same step, when any worker's loss
+    is not finite or any worker received a stop signal (see ``StopSignals``, which
+    ``before_first_step`` is passed to).
+
+    After ``fit`` returns, ``diverged`` or ``interrupted_at`` (epoch, batches done
+    in that epoch) say why it stopped. The check costs one tiny allreduce per step
+    with several workers."""
+
+    def __init__(self, install_signal_handlers: bool = True, before_first_step=None):
+        super().__init__()
+        self.signals = StopSignals(install_signal_handlers, before_first_step)
+        self.diverged = False
+        self.interrupted_at = None
+        self._epoch = 0
+
+    @property
+    def signal_received(self):
+        return self.signals.received
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -115,10 +138,10 @@ class StepGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         import math
 
-        self.steps_done += 1
+        self.signals.step_done()
         loss = (logs or {}).get("loss")
         bad = loss is not None and not math.isfinite(float(loss))
-        flags = [float(self.signal_received is not None), float(bad)]
+        flags = [float(self.signals.received is not None), float(bad)]
         if distributed.size() > 1:
             flags = distributed.allreduce_mean_numpy(flags)
         if flags[1] > 0:

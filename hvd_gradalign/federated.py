@@ -250,7 +250,10 @@ class FederatedTrainer:
         self.x, self.y = x, y
         self.clients = [np.asarray(c) for c in client_indices]
         self.variables = list(model.trainable_variables)
+        # The data lives on the device once; a client's steps gather their batches there.
+        self._x, self._y = tf.constant(x), tf.constant(y)
         self._grad = tf.function(self._grad_impl, reduce_retracing=True)
+        self._train = tf.function(self._local_train_impl, reduce_retracing=True)
 
     def initial_state(self) -> FederatedState:
         """Root's weights on every worker (a broadcast), zero optimizer/control state."""
@@ -266,14 +269,54 @@ class FederatedTrainer:
         return state
 
     # -- one client --------------------------------------------------------------
-    def _grad_impl(self, x, y):
+    # Weights are passed explicitly (stateless_call), so a client's K local steps are one
+    # compiled loop: the host sends the start and the batch indices and gets the model
+    # back, instead of a weight assignment and a gradient fetch per step. Non-trainable
+    # state (BatchNorm statistics, dropout seeds) is carried through and written back, as
+    # the model's own calls would.
+    def _loss_and_grad(self, trainable, non_trainable, xb, yb):
         with tf.GradientTape() as tape:
-            loss = self.loss_fn(y, self.model(x, training=True))
-        return loss, tape.gradient(loss, self.variables)
+            tape.watch(trainable)
+            logits, non_trainable = self.model.stateless_call(trainable, non_trainable, xb, training=True)
+            loss = self.loss_fn(yb, logits)
+        return loss, tape.gradient(loss, trainable), non_trainable
+
+    def _grad_impl(self, weights, idx):
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        _, grads, non_trainable = self._loss_and_grad(
+            weights, non_trainable, tf.gather(self._x, idx), tf.gather(self._y, idx))
+        self._write_back(non_trainable)
+        return grads
+
+    def _local_train_impl(self, start, x_global, correction, batches):
+        cfg = self.config
+
+        def step(k, y, non_trainable):
+            idx = batches[k]
+            _, g, non_trainable = self._loss_and_grad(y, non_trainable, tf.gather(self._x, idx),
+                                                      tf.gather(self._y, idx))
+            new = []
+            for i in range(len(y)):
+                update = g[i] + cfg.weight_decay * y[i]
+                if cfg.algorithm == "fedprox":
+                    update = update + cfg.mu * (y[i] - x_global[i])
+                if correction is not None:
+                    update = update + correction[i]
+                new.append(y[i] - cfg.local_lr * update)
+            return k + 1, new, non_trainable
+
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        _, y, non_trainable = tf.while_loop(lambda k, *_: k < tf.shape(batches)[0], step,
+                                            (tf.constant(0), list(start), non_trainable))
+        self._write_back(non_trainable)
+        return y
+
+    def _write_back(self, non_trainable):
+        for v, value in zip(self.model.non_trainable_variables, non_trainable):
+            v.assign(value)
 
     def _gradient_at(self, weights, idx):
-        self._assign(weights)
-        _, grads = self._grad(self.x[idx], self.y[idx])
+        grads = self._grad([tf.constant(w) for w in weights], tf.constant(idx))
         return [g.numpy().astype(w.dtype) for g, w in zip(grads, weights)]
 
     def _assign(self, weights):
@@ -293,18 +336,11 @@ class FederatedTrainer:
             yield order[start:start + b]
 
     def _local_train(self, client, start, x_global, round_index, correction=None):
-        cfg = self.config
-        y = [w.copy() for w in start]
-        for batch in self._batches(client, round_index):
-            g = self._gradient_at(y, batch)
-            for i in range(len(y)):
-                step = g[i] + cfg.weight_decay * y[i]
-                if cfg.algorithm == "fedprox":
-                    step = step + cfg.mu * (y[i] - x_global[i])
-                if correction is not None:
-                    step = step + correction[i]
-                y[i] = y[i] - cfg.local_lr * step
-        return y
+        batches = np.stack(list(self._batches(client, round_index)))
+        as_tensors = lambda ws: [tf.constant(w) for w in ws]  # noqa: E731
+        y = self._train(as_tensors(start), as_tensors(x_global),
+                        None if correction is None else as_tensors(correction), tf.constant(batches))
+        return [v.numpy() for v in y]
 
     # -- a round -------------------------------------------------------------------
     def run_round(self, state: FederatedState, log_variance: bool | None = None

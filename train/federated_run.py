@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +80,8 @@ def _load(run_dir: Path, rank: int, workers: int, warn=print):
 
 
 def run_federated(config, run_dir: Path, log) -> int:
+    summary_extra = lambda state: {"algorithm": config["federated"]["algorithm"],  # noqa: E731
+                                   "rounds_done": state.round}
     import keras
 
     import hvd_gradalign as hga
@@ -88,7 +89,7 @@ def run_federated(config, run_dir: Path, log) -> int:
     from hvd_gradalign.data import load_arrays
     from hvd_gradalign.models import build_model
     from train.config import federated_config
-    from train.recorder import write_metrics
+    from train.recorder import exit_before_first_step, write_metrics, write_summary
 
     f, t, d = config["federated"], config["train"], config["data"]
     rank, workers = hga.rank(), hga.size()
@@ -119,13 +120,8 @@ def run_federated(config, run_dir: Path, log) -> int:
         f"{min(sizes)}-{max(sizes)} samples each), {f['clients_per_round']} per round, "
         f"{f['algorithm']}, {workers} workers, run dir {run_dir}")
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
-        signal.signal(getattr(signal, name), on_signal)
+    stop = hga.StopSignals(before_first_step=lambda name: exit_before_first_step(
+        name, run_dir, workers, history, f"round {state.round}", **summary_extra(state)))
 
     started = time.perf_counter()
     comms = COMMUNICATIONS_PER_ROUND[f["algorithm"]]
@@ -152,22 +148,20 @@ def run_federated(config, run_dir: Path, log) -> int:
             if t["verbose"]:
                 log("round {round}: ".format(**row) + ", ".join(
                     f"{k} {v:.4g}" for k, v in row.items() if k not in ("round",)))
-        flag = distributed.allreduce_mean_numpy([float(stop["signal"] is not None)])[0]
+        stop.step_done()
+        interrupted = stop.anywhere()
         every = t["checkpoint_every"]
-        if flag > 0 or state.round == f["rounds"] or (every and state.round % every == 0):
+        if interrupted or state.round == f["rounds"] or (every and state.round % every == 0):
             _save(run_dir, state, rank, history, row["wall_time"])
-        if flag > 0:
-            interrupted = True
+        if interrupted:
             break
 
-    summary = {"status": "interrupted" if interrupted else "finished", "run_dir": str(run_dir),
-               "workers": workers, "algorithm": f["algorithm"], "rounds_done": state.round,
-               "epochs_done": state.round, "final": history[-1] if history else None}
     if rank == 0:
-        checkpoint.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        write_summary(run_dir, "interrupted" if interrupted else "finished", workers, history,
+                      time.perf_counter() - started, **summary_extra(state))
     distributed.barrier()
     if interrupted:
-        log(f"stopped by {stop['signal'] or 'a signal on another worker'}; checkpoint saved after "
+        log(f"stopped by {stop.received or 'a signal on another worker'}; checkpoint saved after "
             f"round {state.round}. Re-run the same command to resume.")
         return EXIT_INTERRUPTED
     log(f"finished: {run_dir}")

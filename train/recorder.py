@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 
 import keras
@@ -10,6 +12,7 @@ import numpy as np
 
 import hvd_gradalign as hga
 from hvd_gradalign import checkpoint
+from train.exit_codes import EXIT_INTERRUPTED
 
 
 class EpochStats(keras.callbacks.Callback):
@@ -135,3 +138,24 @@ def write_metrics(run_dir, history: list) -> None:
     keys = ["epoch"] + sorted({k for row in history for k in row} - {"epoch"})
     checkpoint.write_csv_atomic(run_dir / "metrics.csv", history, keys)
     checkpoint.write_text_atomic(run_dir / "metrics.json", json.dumps(history, indent=1))
+
+
+def write_summary(run_dir, status, workers, history, seconds, **extra) -> None:
+    """summary.json: how the session ended (finished, interrupted, diverged), what the
+    sweeps read. Rank 0 calls it."""
+    summary = {"status": status, "run_dir": str(run_dir), "workers": workers, **extra,
+               "epochs_done": len(history), "seconds_this_session": seconds,
+               "final": history[-1] if history else None, "best_val": best_row(history)}
+    checkpoint.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+
+
+def exit_before_first_step(signal_name, run_dir, workers, history, resumed_at, **extra):
+    """Ends the process on a signal that came while the first step (or round) was still
+    being traced: nothing was trained since the checkpoint it resumed from
+    (``resumed_at`` says which), so a re-run continues exactly where this one would have."""
+    if hga.rank() == 0:
+        write_summary(run_dir, "interrupted", workers, history, 0.0, **extra)
+        print(f"stopped by {signal_name} before the first step of this session; nothing was trained "
+              f"since {resumed_at}. Re-run the same command to resume.", flush=True)
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)

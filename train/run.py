@@ -78,34 +78,6 @@ def check_writable(run_dir: Path) -> None:
                           "--run-dir or fix its permissions") from None
 
 
-def write_summary(path, status, workers, global_batch, history, seconds) -> None:
-    from hvd_gradalign import checkpoint
-    from train.recorder import best_row
-
-    summary = {
-        "status": status, "run_dir": str(path.parent), "workers": workers, "global_batch": global_batch,
-        "epochs_done": len(history), "seconds_this_session": seconds,
-        "final": history[-1] if history else None,
-        "best_val": best_row(history),
-    }
-    checkpoint.write_text_atomic(path, json.dumps(summary, indent=1))
-
-
-def exit_before_first_step(signal_name, summary_path, start, workers, global_batch):
-    """Ends the process on a signal that came while the first step was still being
-    traced: nothing was trained since ``start``'s checkpoint (or since nothing), so a
-    re-run continues exactly where this one would have."""
-    import hvd_gradalign as hga
-
-    if hga.rank() == 0:
-        write_summary(summary_path, "interrupted", workers, global_batch, start.history, 0.0)
-        print(f"stopped by {signal_name} before the first step of this session; nothing was trained "
-              f"since epoch {start.epoch}, step {start.step}. Re-run the same command to resume.",
-              flush=True)
-    sys.stderr.flush()
-    os._exit(EXIT_INTERRUPTED)
-
-
 def run(config) -> int:
     import keras
 
@@ -113,7 +85,7 @@ def run(config) -> int:
     from hvd_gradalign import checkpoint
     from hvd_gradalign.data import make_pipelines
     from train.config import ConfigError, budget, check_batch_split, resume_conflict
-    from train.recorder import EpochStats, Evaluation, RunRecorder, best_row
+    from train.recorder import EpochStats, Evaluation, RunRecorder, exit_before_first_step, write_summary
     from train.resume import fit_remaining, restore
 
     hga.init()
@@ -156,7 +128,8 @@ def run(config) -> int:
     log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers} workers, global batch "
         f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
     guard = hga.StepGuard(before_first_step=lambda name: exit_before_first_step(
-        name, summary_path, start, workers, t["batch_size"]))
+        name, run_dir, workers, start.history, f"epoch {start.epoch}, step {start.step}",
+        global_batch=t["batch_size"]))
     recorder = RunRecorder(run_dir, guard, start.history, t["checkpoint_every"], t["epochs"], steps,
                            resume_at=(start.epoch, start.step), wall_time_before=start.wall_time)
     evaluated = {"val": pipes.validation, "test": pipes.test,
@@ -172,7 +145,7 @@ def run(config) -> int:
 
     status = "diverged" if guard.diverged else "interrupted" if guard.interrupted_at else "finished"
     if rank == 0:
-        write_summary(summary_path, status, workers, t["batch_size"], history, time.perf_counter() - t0)
+        write_summary(run_dir, status, workers, history, time.perf_counter() - t0, global_batch=t["batch_size"])
     # Nobody leaves before rank 0 has written: a launcher that sees one task exit
     # may stop the others.
     hga.distributed.barrier()
