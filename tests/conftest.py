@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +27,22 @@ def hvd():
 
     hga.init()
     return hga
+
+
+def signal_while_tracing(cmd, announcement):
+    """Starts ``cmd``, sends SIGTERM as soon as a line of its output contains
+    ``announcement`` (printed just before training: the first step is then being
+    traced), and returns its exit code and output."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if announcement in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    else:
+        raise AssertionError("".join(out)[-3000:])
+    out.append(proc.stdout.read())
+    rc = proc.wait(timeout=120)
+    return rc, "".join(out)

@@ -265,6 +265,28 @@ def test_entry_point_sigterm_resume_equals_uninterrupted(tmp_path):
     _close(a, b, atol=1e-6)
 
 
+def test_entry_point_signal_during_the_first_round_ends_the_run_at_once(tmp_path):
+    """The same fault, the same behaviour as a distributed run: nothing was trained, so
+    the run exits at once with a summary (tracing the first round can outlast the 5 s
+    horovodrun gives) and a re-run starts it."""
+    import json
+    import sys
+
+    from tests.conftest import signal_while_tracing
+
+    run_dir = tmp_path / "early"
+    args = ["--algorithm", "fedga", "--rounds", "1"]
+    rc, out = signal_while_tracing([sys.executable, "-m", "train", *FED, "--run-dir", str(run_dir), *args],
+                                   "per round")
+    assert rc == 75 and "before the first step" in out, out[-3000:]
+    assert not (run_dir / "checkpoints").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["rounds_done"] == 0
+    rerun = _train(run_dir, *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
 @pytest.mark.horovod
 def test_entry_point_two_workers_equal_one(tmp_path):
     args = ["--algorithm", "fedga", "--rounds", "2"]

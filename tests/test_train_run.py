@@ -15,7 +15,7 @@ import pytest
 import hvd_gradalign as hga
 from hvd_gradalign import checkpoint
 from hvd_gradalign.models import MODELS, build_model
-from tests.conftest import HOROVODRUN, REPO, horovodrun
+from tests.conftest import HOROVODRUN, REPO, horovodrun, signal_while_tracing
 from train.launch import subprocess_env
 
 SMALL = ["--train-samples", "2048", "--test-samples", "512", "--batch-size", "256",
@@ -167,30 +167,11 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted_run(tmp_path):
     assert [row["epoch"] for row in metrics] == [1, 2, 3]
 
 
-def _signal_while_tracing(cmd, run_dir):
-    """Starts ``cmd``, sends SIGTERM as soon as the run announces its training (the
-    first step is then being traced), and returns (exit code, output, seconds from
-    the signal to the exit)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    out = []
-    for line in proc.stdout:
-        out.append(line)
-        if "steps/epoch" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    else:
-        raise AssertionError("".join(out)[-3000:])
-    out.append(proc.stdout.read())
-    rc = proc.wait(timeout=120)
-    return rc, "".join(out)
-
-
 def test_a_signal_during_the_first_step_ends_the_run_at_once(tmp_path):
     """Tracing the first step can outlast horovodrun's 5 s grace: a signal then ends
     the run without waiting for the step (nothing was trained yet), with a summary."""
     run_dir = tmp_path / "early"
-    rc, out = _signal_while_tracing(train_cmd(run_dir, "--epochs", "1", "--model", "cnn2"), run_dir)
+    rc, out = signal_while_tracing(train_cmd(run_dir, "--epochs", "1", "--model", "cnn2"), "steps/epoch")
     assert rc == 75, out[-3000:]
     assert "before the first step" in out and "Re-run the same command to resume" in out
     assert not (run_dir / "checkpoints").exists()    # no step was taken, so none was saved
@@ -206,7 +187,7 @@ def test_a_signal_to_horovodrun_during_the_first_step_is_recorded_in_its_grace(t
     run_dir = tmp_path / "early2"
     cmd = [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "train",
            "--run-dir", str(run_dir), "--verbose", "0", *SMALL, "--epochs", "1", "--model", "cnn2"]
-    rc, out = _signal_while_tracing(cmd, run_dir)
+    rc, out = signal_while_tracing(cmd, "steps/epoch")
     assert rc != 0 and "before the first step" in out, out[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["workers"] == 2

@@ -115,13 +115,12 @@ def run_federated(config, run_dir: Path, log) -> int:
         state, history, wall_before = trainer.initial_state(), [], 0.0
     if rank == 0:
         checkpoint.write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1))
+    stop = hga.StopSignals(before_first_step=lambda name: exit_before_first_step(
+        name, run_dir, workers, history, f"round {state.round}", **summary_extra(state)))
     sizes = [len(c) for c in clients]
     log(f"{info.name}: {len(y)} train samples in {len(clients)} clients ({f['split']}, "
         f"{min(sizes)}-{max(sizes)} samples each), {f['clients_per_round']} per round, "
         f"{f['algorithm']}, {workers} workers, run dir {run_dir}")
-
-    stop = hga.StopSignals(before_first_step=lambda name: exit_before_first_step(
-        name, run_dir, workers, history, f"round {state.round}", **summary_extra(state)))
 
     started = time.perf_counter()
     comms = COMMUNICATIONS_PER_ROUND[f["algorithm"]]

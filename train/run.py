@@ -125,11 +125,11 @@ def run(config) -> int:
     if rank == 0:
         checkpoint.write_text_atomic(config_path, json.dumps(config, indent=1))
 
-    log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers} workers, global batch "
-        f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
     guard = hga.StepGuard(before_first_step=lambda name: exit_before_first_step(
         name, run_dir, workers, start.history, f"epoch {start.epoch}, step {start.step}",
         global_batch=t["batch_size"]))
+    log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers} workers, global batch "
+        f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
     recorder = RunRecorder(run_dir, guard, start.history, t["checkpoint_every"], t["epochs"], steps,
                            resume_at=(start.epoch, start.step), wall_time_before=start.wall_time)
     evaluated = {"val": pipes.validation, "test": pipes.test,
