@@ -56,6 +56,7 @@ def test_run_writes_its_directory_and_rerun_is_a_noop(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(run_dir, "--epochs", "2", "--validation-samples", "512")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 worker, global batch" in proc.stdout            # not "1 workers"
     for name in ("config.json", "metrics.csv", "metrics.json", "summary.json", "checkpoints/LATEST"):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
@@ -281,3 +282,18 @@ def test_a_checkpoint_of_a_cut_short_epoch_counts_its_time(tmp_path):
     recorder.on_epoch_end(1, {})
     _, state = checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))
     assert (state["epoch"], state["step"]) == (1, 3) and state["wall_time"] >= 10.5
+
+
+def test_the_progress_bar_of_a_cut_short_epoch_ends_where_it_stopped(capsys):
+    from train.recorder import Progress
+
+    cut = {0: False, 1: True}
+    progress = Progress(cut_short=lambda epoch: cut[epoch])
+    progress.set_params({"verbose": 2, "epochs": 2, "steps": 156})
+    for epoch, batches in ((0, 156), (1, 53)):
+        progress.on_epoch_begin(epoch)
+        for batch in range(batches):
+            progress.on_train_batch_end(batch, {"loss": 1.0})
+        progress.on_epoch_end(epoch, {"loss": 1.0})
+    out = capsys.readouterr().out
+    assert "156/156" in out and "53/156" in out and out.count("156/156") == 1, out

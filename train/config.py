@@ -304,13 +304,13 @@ def micro_batches_per_worker(config: dict, workers: int) -> int:
     if local % size or local < size:
         unit = size * workers
         raise ConfigError(
-            f"the local batch {local} (global {config['train']['batch_size']} / {_workers(workers)}) "
+            f"the local batch {local} (global {config['train']['batch_size']} / {workers_phrase(workers)}) "
             f"is not a multiple of optim.micro_batch_size = {size}; use a global batch that is a "
             f"multiple of {unit}, e.g. {_nearest(config['train']['batch_size'], unit)}")
     return local // size
 
 
-def _workers(n: int) -> str:
+def workers_phrase(n: int) -> str:
     return f"{n} worker" if n == 1 else f"{n} workers"
 
 
@@ -331,7 +331,7 @@ def check_batch_split(config: dict, workers: int) -> None:
     micro_batches_per_worker(config, workers)
     if gb % workers:
         raise ConfigError(
-            f"global batch {gb} does not split into {_workers(workers)}; use a multiple of {workers}, "
+            f"global batch {gb} does not split into {workers_phrase(workers)}; use a multiple of {workers}, "
             f"e.g. {_nearest(gb, workers)}")
 
 
@@ -344,7 +344,7 @@ def check_data_fits(config: dict, workers: int, available: int) -> None:
     batch = config["train"]["batch_size"]
     if n and n // workers < batch // workers:
         raise ConfigError(
-            f"{n} training samples give each of {_workers(workers)} {n // workers}, fewer than one local "
+            f"{n} training samples give each of {workers_phrase(workers)} {n // workers}, fewer than one local "
             f"batch of {batch // workers} (global batch {batch}); lower train.batch_size to at most "
             f"{n - n % workers} or use more samples")
 

@@ -88,7 +88,7 @@ def run_federated(config, run_dir: Path, log) -> int:
     from hvd_gradalign import distributed, federated
     from hvd_gradalign.data import load_arrays
     from hvd_gradalign.models import build_model
-    from train.config import federated_config
+    from train.config import federated_config, workers_phrase
     from train.recorder import exit_before_first_step, write_metrics, write_summary
 
     f, t, d = config["federated"], config["train"], config["data"]
@@ -120,7 +120,7 @@ def run_federated(config, run_dir: Path, log) -> int:
     sizes = [len(c) for c in clients]
     log(f"{info.name}: {len(y)} train samples in {len(clients)} clients ({f['split']}, "
         f"{min(sizes)}-{max(sizes)} samples each), {f['clients_per_round']} per round, "
-        f"{f['algorithm']}, {workers} workers, run dir {run_dir}")
+        f"{f['algorithm']}, {workers_phrase(workers)}, run dir {run_dir}")
 
     started = time.perf_counter()
     comms = COMMUNICATIONS_PER_ROUND[f["algorithm"]]

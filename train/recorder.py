@@ -73,6 +73,21 @@ class Evaluation(keras.callbacks.Callback):
                 logs[f"{prefix}_{key}"] = float(value)
 
 
+class Progress(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, except that an epoch a signal cut short ends at the batch it
+    reached ("53/156"), not at its planned last one ("156/156")."""
+
+    def __init__(self, cut_short):
+        super().__init__()
+        self.cut_short = cut_short
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.progbar is not None and self.cut_short(epoch):
+            self.progbar.update(self.seen, list((logs or {}).items()), finalize=True)
+        else:
+            super().on_epoch_end(epoch, logs)
+
+
 class RunRecorder(keras.callbacks.Callback):
     """Writes metrics.csv / metrics.json and checkpoints (rank 0 writes; all ranks
     agree on when). Skips an epoch that a signal cut short (it is checkpointed

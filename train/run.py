@@ -84,8 +84,9 @@ def run(config) -> int:
     import hvd_gradalign as hga
     from hvd_gradalign import checkpoint
     from hvd_gradalign.data import make_pipelines
-    from train.config import ConfigError, budget, check_batch_split, resume_conflict
-    from train.recorder import EpochStats, Evaluation, RunRecorder, exit_before_first_step, write_summary
+    from train.config import ConfigError, budget, check_batch_split, resume_conflict, workers_phrase
+    from train.recorder import (EpochStats, Evaluation, Progress, RunRecorder, exit_before_first_step,
+                                write_summary)
     from train.resume import fit_remaining, restore
 
     hga.init()
@@ -128,7 +129,7 @@ def run(config) -> int:
     guard = hga.StepGuard(before_first_step=lambda name: exit_before_first_step(
         name, run_dir, workers, start.history, f"epoch {start.epoch}, step {start.step}",
         global_batch=t["batch_size"]))
-    log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers} workers, global batch "
+    log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers_phrase(workers)}, global batch "
         f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
     recorder = RunRecorder(run_dir, guard, start.history, t["checkpoint_every"], t["epochs"], steps,
                            resume_at=(start.epoch, start.step), wall_time_before=start.wall_time)
@@ -136,7 +137,7 @@ def run(config) -> int:
                  "train_eval": pipes.train_eval if t["eval_train"] else None}
     callbacks = [hga.BroadcastInitialState(), EpochStats(t["batch_size"], start.wall_time),
                  Evaluation(evaluated, t["eval_every"], t["epochs"], recorder.cut_short), hga.MetricAverage(),
-                 guard, recorder]
+                 guard, recorder, Progress(recorder.cut_short)]
     if rank == 0:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")))
     t0 = time.perf_counter()
