@@ -438,6 +438,23 @@ def test_keras_docs_convnet_example_on_two_workers():
     assert len(sums) == 2 and sums[0] == sums[1], out[-3000:]
 
 
+def test_keras_docs_convnet_example_on_one_worker():
+    """The same script with plain python: one worker, 3,000 images, 2,700 after
+    validation_split, so again 22 steps whose last holds 12 samples."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from train.launch import subprocess_env
+
+    proc = subprocess.run([sys.executable, "examples/keras_mnist_convnet.py", "--samples", "3000"], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"22/22 - .*val_accuracy", proc.stdout), proc.stdout[-3000:]
+    assert float(re.search(r"Test accuracy: ([0-9.]+)", proc.stdout).group(1)) > 0.3, proc.stdout[-3000:]
+
+
 def test_keras_internals_sit_behind_one_module_with_a_clear_error():
     import re
     from pathlib import Path
