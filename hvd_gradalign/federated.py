@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import distributed
+from .optimizers import check_alignment_strength
 
 ALGORITHMS = ("fedavg", "fedga", "scaffold", "fedprox")
 SERVER_OPTIMIZERS = ("sgd", "adam")
@@ -165,7 +166,11 @@ class FederatedConfig:
         for name in ("local_lr", "server_lr", "server_epsilon"):
             if not getattr(self, name) > 0:
                 bad(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "beta", "mu", "server_momentum", "grad_samples"):
+        try:
+            check_alignment_strength("beta", self.beta)
+        except ValueError as err:
+            bad("beta", str(err).removeprefix("beta "))
+        for name in ("weight_decay", "mu", "server_momentum", "grad_samples"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.clients_per_round <= clients:

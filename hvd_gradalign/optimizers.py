@@ -187,7 +187,9 @@ def make_inner(name, learning_rate, *, momentum=0.0, nesterov=False, weight_deca
     raise ValueError(f"unknown optimizer {name!r}; choose one of {INNER_OPTIMIZERS}")
 
 
-def _check_nonnegative(name, value):
+def check_alignment_strength(name, value) -> float:
+    """The rule on GradAlign's and FedGA's β (and β's ratio to the lr), in one place:
+    the optimizers, the federated rounds and the training config all call it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}.")
     if not math.isfinite(value) or value < 0:
@@ -238,9 +240,9 @@ class GradAlign(DistributedOptimizer):
                 "GradAlign needs exactly one of beta (a fixed β) or beta_lr_ratio "
                 "(β = ratio × learning rate), e.g. GradAlign(opt, beta=0.05)."
             )
-        self.beta = None if beta is None else _check_nonnegative("beta", beta)
+        self.beta = None if beta is None else check_alignment_strength("beta", beta)
         self.beta_lr_ratio = (
-            None if beta_lr_ratio is None else _check_nonnegative("beta_lr_ratio", beta_lr_ratio)
+            None if beta_lr_ratio is None else check_alignment_strength("beta_lr_ratio", beta_lr_ratio)
         )
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}.")

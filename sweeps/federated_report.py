@@ -13,14 +13,11 @@ from pathlib import Path
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps.selection import best_setting, mean_std, pick_epoch
 from sweeps.state import point_state, read_json
+from train.config import is_federated
 
 COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
            "round", "train_loss", "val_accuracy", "test_accuracy", "grad_variance", "wall_time"]
 SETTING_KEYS = ("lr", "beta", "mu")
-
-
-def is_federated(config) -> bool:
-    return config.get("federated", {}).get("algorithm", "none") != "none"
 
 
 def _split_name(f):

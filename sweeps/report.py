@@ -24,7 +24,7 @@ from pathlib import Path
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps.selection import AT, best_setting, mean_std, pick_epoch
 from sweeps.state import point_state, read_json
-from train.config import budget
+from train.config import budget, is_federated
 
 COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size", "workers",
            "micro_batches", "micro_batch_size", "lr", "lr_scaling", "warmup_epochs", "beta", "seed",
@@ -307,7 +307,7 @@ def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
     from sweeps import federated_report
 
     run_dirs = sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists())
-    if run_dirs and all(federated_report.is_federated(read_json(p / "config.json")) for p in run_dirs):
+    if run_dirs and all(is_federated(read_json(p / "config.json")) for p in run_dirs):
         return federated_report.report(run_dirs, out, at, header=header)
     rows = collect(runs_dir, at)
     if not rows and not pending:

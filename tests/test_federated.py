@@ -154,6 +154,11 @@ def test_sampling_is_the_same_everywhere_and_without_replacement():
      "server_beta1"),
     (lambda y: federated.FederatedConfig(server_optimizer="adam", server_beta2=1.0).check(5),
      r"server_beta2 must be in \[0, 1\)"),
+    # FedGA's β obeys GradAlign's rule (one function): NaN used to pass a "< 0" test
+    (lambda y: federated.FederatedConfig(algorithm="fedga", beta=float("nan")).check(5),
+     "beta must be a finite number >= 0"),
+    (lambda y: federated.FederatedConfig(algorithm="fedga", beta=-1.0).check(5),
+     "beta must be a finite number >= 0"),
 ])
 def test_bad_inputs_are_clear_errors(call, match):
     y = np.repeat(np.arange(4), 25)

@@ -34,7 +34,7 @@ def test_defaults_and_overrides(tmp_path):
     ('[train]\nepochs = "ten"\n', r"train\.epochs: expected int"),
     ('[train]\nepochs = 1.5\n', r"train\.epochs: expected int"),
     ('[optim]\noptimizer = "adam"\n', r"optim\.optimizer = 'adam'; choose one of"),
-    ('[optim]\nbeta = -0.1\n', r"optim\.beta must be >= 0"),
+    ('[optim]\nbeta = -0.1\n', r"optim\.beta must be a finite number >= 0"),
     ('[optim]\ndecay = "step"\n', r"needs optim\.decay_epochs"),
     ('[train\n', r"c\.toml"),
     ('[federated]\nalgorithm = "fedavg"\nserver_optimizer = "yogi"\n',

@@ -16,7 +16,7 @@ from pathlib import Path
 from hvd_gradalign.federated import (ALGORITHMS, SERVER_OPTIMIZERS, SPLITS, FederatedConfig,
                                      FederatedConfigError, check_split)
 from hvd_gradalign.models import MODELS, NORMS
-from hvd_gradalign.optimizers import INNER_OPTIMIZERS
+from hvd_gradalign.optimizers import INNER_OPTIMIZERS, check_alignment_strength
 from hvd_gradalign.schedules import DECAYS, SCALING_RULES, WARMUP_STARTS, scaled_learning_rate, warmup_start
 
 DEFAULTS = {
@@ -119,10 +119,15 @@ ADDED_LATER = {("data", "subset_seed"): -1,
                ("federated", "server_beta2"): 0.99, ("federated", "server_epsilon"): 1e-3}
 
 
+def is_federated(config: dict) -> bool:
+    """Whether a config asks for federated rounds (any algorithm but "none") rather than
+    distributed epochs."""
+    return config.get("federated", {}).get("algorithm", "none") != "none"
+
+
 def budget(config: dict) -> int:
     """The epochs (federated: rounds) a config asks for."""
-    federated = config.get("federated", {}).get("algorithm", "none") != "none"
-    return config["federated"]["rounds"] if federated else config["train"]["epochs"]
+    return config["federated"]["rounds"] if is_federated(config) else config["train"]["epochs"]
 
 
 def run_identity(config: dict, ignore=()) -> dict:
@@ -134,7 +139,7 @@ def run_identity(config: dict, ignore=()) -> dict:
     skip = RUN_NEUTRAL | set(ignore)
     if config.get("optim", {}).get("warmup_epochs", 0) == 0:
         skip.add(("optim", "warmup_from"))  # no warmup: where it would start changes nothing
-    federated = config.get("federated", {}).get("algorithm", "none") != "none"
+    federated = is_federated(config)
     return {s: {k: v for k, v in keys.items()
                 if (s, k) not in skip and ADDED_LATER.get((s, k), object()) != v}
             for s, keys in config.items() if s != "federated" or federated}
@@ -236,10 +241,14 @@ def validate(config: dict) -> dict:
     for name, value in positive:
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
-    for name in ("lr", "beta", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor", "momentum"):
+    for name in ("lr", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor", "momentum"):
         if not math.isfinite(o[name]):
             raise ConfigError(f"optim.{name} must be a finite number, got {o[name]}")
-    for name in ("beta", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor"):
+    try:
+        check_alignment_strength("beta", o["beta"])
+    except ValueError as err:
+        raise ConfigError(f"optim.{err}") from None
+    for name in ("warmup_epochs", "weight_decay", "clipnorm", "decay_factor"):
         if o[name] < 0:
             raise ConfigError(f"optim.{name} must be >= 0, got {o[name]}")
     if o["micro_batch_size"] < 0:
@@ -250,7 +259,7 @@ def validate(config: dict) -> dict:
     if t["checkpoint_every"] < 0:
         raise ConfigError("train.checkpoint_every must be >= 0 (0 = only at the end and on signals)")
     f = config["federated"]
-    if f["algorithm"] != "none":
+    if is_federated(config):
         for name in ("rounds", "eval_rounds", "variance_every"):
             if f[name] < 1:
                 raise ConfigError(f"federated.{name} must be >= 1, got {f[name]}")
@@ -325,7 +334,7 @@ def check_batch_split(config: dict, workers: int) -> None:
     """The global batch must split into equal local batches, one per worker (say so
     before training). Each local batch is then cut into micro-batches of near-equal
     size, so their number need not divide it; micro_batch_size must."""
-    if config["federated"]["algorithm"] != "none":
+    if is_federated(config):
         return  # rounds of clients, not global batches
     gb = config["train"]["batch_size"]
     micro_batches_per_worker(config, workers)
@@ -338,7 +347,7 @@ def check_batch_split(config: dict, workers: int) -> None:
 def check_data_fits(config: dict, workers: int, available: int) -> None:
     """Every worker must hold at least one local batch of the training samples the
     config leaves it (``available``: the split less validation; 0 if unknown)."""
-    if config["federated"]["algorithm"] != "none":
+    if is_federated(config):
         return
     n = config["data"]["train_samples"] or available
     batch = config["train"]["batch_size"]

@@ -84,7 +84,8 @@ def run(config) -> int:
     import hvd_gradalign as hga
     from hvd_gradalign import checkpoint
     from hvd_gradalign.data import make_pipelines
-    from train.config import ConfigError, budget, check_batch_split, resume_conflict, workers_phrase
+    from train.config import (ConfigError, budget, check_batch_split, is_federated, resume_conflict,
+                              workers_phrase)
     from train.recorder import (EpochStats, Evaluation, Progress, RunRecorder, exit_before_first_step,
                                 write_summary)
     from train.resume import fit_remaining, restore
@@ -106,7 +107,7 @@ def run(config) -> int:
             log(f"run already finished: {run_dir} (see {summary_path}); nothing to do")
             return EXIT_OK
     check_writable(run_dir)
-    if config["federated"]["algorithm"] != "none":
+    if is_federated(config):
         from train.federated_run import run_federated
 
         return run_federated(config, run_dir, log)
