@@ -358,26 +358,44 @@ class FederatedTrainer:
         sampled = sample_clients(state.round, len(self.clients), cfg.clients_per_round, cfg.seed)
         mine = [c for c in sampled if owner(c, workers) == me]
         n = {c: float(len(self.clients[c])) for c in sampled}
-        metrics = {}
 
-        starts = {c: x for c in mine}
-        if cfg.algorithm == "fedga" or log_variance:
-            grads = {}
+        starts, metrics = self._starts(x, mine, n, log_variance)
+        models, c_delta = self._train_clients(state, x, mine, starts)
+        x_bar = self._aggregate(state, x, sampled, n, models, c_delta)
+        state.weights = self._server_step(state, x, [xw - xb for xw, xb in zip(x, x_bar)])
+        state.round += 1
+        self._assign(state.weights)
+        metrics["clients"] = len(sampled)
+        return state, metrics
+
+    def _starts(self, x, mine, n, log_variance):
+        """Where each of this worker's participants starts (FedGA: x + β(g_i − ḡ); the
+        others: x), and V at x when FedGA needs the gradients or ``log_variance`` asks."""
+        cfg = self.config
+        starts, metrics = {c: x for c in mine}, {}
+        if cfg.algorithm != "fedga" and not log_variance:
+            return starts, metrics
+        grads = {}
+        for c in mine:
+            idx = self.clients[c][:cfg.grad_samples] if cfg.grad_samples else self.clients[c]
+            grads[c] = self._gradient_at(x, idx)
+        g_bar = self._weighted_mean(grads, n, like=x)
+        if cfg.algorithm == "fedga":
             for c in mine:
-                idx = self.clients[c][:cfg.grad_samples] if cfg.grad_samples else self.clients[c]
-                grads[c] = self._gradient_at(x, idx)
-            g_bar = self._weighted_mean({c: grads[c] for c in mine}, n, like=x)
-            if cfg.algorithm == "fedga":
-                for c in mine:
-                    starts[c] = [w + cfg.beta * (g - gb) for w, g, gb in zip(x, grads[c], g_bar)]
-            # V = n-weighted mean over participants of ‖g_i − ḡ‖² (what FedGA acts on)
-            local_v = sum(n[c] * sum(float(np.sum((g - gb) ** 2)) for g, gb in zip(grads[c], g_bar))
-                          for c in mine)
-            total_v = distributed.allreduce_list([tf.constant(local_v, tf.float64)], op="sum")[0]
-            metrics["grad_variance"] = float(total_v.numpy()) / sum(n.values())
-            g_bar_sq = sum(float(np.sum(gb.astype(np.float64) ** 2)) for gb in g_bar)
-            metrics["grad_variance_ratio"] = metrics["grad_variance"] / g_bar_sq if g_bar_sq else 0.0
+                starts[c] = [w + cfg.beta * (g - gb) for w, g, gb in zip(x, grads[c], g_bar)]
+        # V = n-weighted mean over participants of ‖g_i − ḡ‖² (what FedGA acts on)
+        local_v = sum(n[c] * sum(float(np.sum((g - gb) ** 2)) for g, gb in zip(grads[c], g_bar))
+                      for c in mine)
+        total_v = distributed.allreduce_list([tf.constant(local_v, tf.float64)], op="sum")[0]
+        metrics["grad_variance"] = float(total_v.numpy()) / sum(n.values())
+        g_bar_sq = sum(float(np.sum(gb.astype(np.float64) ** 2)) for gb in g_bar)
+        metrics["grad_variance_ratio"] = metrics["grad_variance"] / g_bar_sq if g_bar_sq else 0.0
+        return starts, metrics
 
+    def _train_clients(self, state, x, mine, starts):
+        """Each participant's model after its K local steps; SCAFFOLD: its c_i updated in
+        ``state`` and the changes returned."""
+        cfg = self.config
         models, c_delta = {}, {}
         for c in mine:
             correction = None
@@ -390,20 +408,18 @@ class FederatedTrainer:
                           for ci_, cc, xw, yw in zip(ci, state.c, x, models[c])]
                 c_delta[c] = [a - b for a, b in zip(new_ci, ci)]
                 state.c_clients[c] = new_ci
+        return models, c_delta
 
-        if cfg.algorithm == "scaffold":  # the paper's plain means over S
-            ones = {c: 1.0 for c in sampled}
-            x_bar = self._weighted_mean(models, ones, like=x)
-            dc = self._weighted_mean(c_delta, ones, like=x)
-            state.c = [cc + len(sampled) / len(self.clients) * d for cc, d in zip(state.c, dc)]
-        else:
-            x_bar = self._weighted_mean(models, n, like=x)
-
-        state.weights = self._server_step(state, x, [xw - xb for xw, xb in zip(x, x_bar)])
-        state.round += 1
-        self._assign(state.weights)
-        metrics["clients"] = len(sampled)
-        return state, metrics
+    def _aggregate(self, state, x, sampled, n, models, c_delta):
+        """x̄ over all workers' participants (n_i-weighted; SCAFFOLD: the paper's plain
+        means, and its server c moved by |S|/N of the mean change of the c_i)."""
+        if self.config.algorithm != "scaffold":
+            return self._weighted_mean(models, n, like=x)
+        ones = {c: 1.0 for c in sampled}
+        x_bar = self._weighted_mean(models, ones, like=x)
+        dc = self._weighted_mean(c_delta, ones, like=x)
+        state.c = [cc + len(sampled) / len(self.clients) * d for cc, d in zip(state.c, dc)]
+        return x_bar
 
     def _server_step(self, state: FederatedState, x, delta):
         """x moved along the pseudo-gradient Δ by the server optimizer (its state updated)."""
