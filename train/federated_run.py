@@ -79,32 +79,50 @@ def _load(run_dir: Path, rank: int, workers: int, warn=print):
     return state, meta
 
 
-def run_federated(config, run_dir: Path, log) -> int:
-    summary_extra = lambda state: {"algorithm": config["federated"]["algorithm"],  # noqa: E731
-                                   "rounds_done": state.round}
+def _build_trainer(config):
+    """The data, its split into clients, and the trainer of the config's algorithm."""
     import keras
 
-    import hvd_gradalign as hga
-    from hvd_gradalign import distributed, federated
+    from hvd_gradalign import federated
     from hvd_gradalign.data import load_arrays
     from hvd_gradalign.models import build_model
-    from train.config import federated_config, workers_phrase
-    from train.recorder import exit_before_first_step, write_metrics, write_summary
+    from train.config import federated_config
 
-    f, t, d = config["federated"], config["train"], config["data"]
-    rank, workers = hga.rank(), hga.size()
-    info, (x, y), validation, (x_test, y_test) = load_arrays(
+    t, d, m = config["train"], config["data"], config["model"]
+    info, (x, y), validation, test = load_arrays(
         d["dataset"], d["data_dir"] or None, validation_samples=d["validation_samples"],
         train_samples=d["train_samples"], test_samples=d["test_samples"], subset_seed=d["subset_seed"])
     clients = _split(config, y, t["seed"])
-    cfg = federated_config(config)
     keras.utils.set_random_seed(t["seed"])
-    m = config["model"]
     model = build_model(m["model"], info.input_shape, info.num_classes,
                         norm=None if m["norm"] == "default" else m["norm"])
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=False)
-    trainer = federated.FederatedTrainer(model, model.loss, x, y, clients, cfg)
+    trainer = federated.FederatedTrainer(model, model.loss, x, y, clients, federated_config(config))
+    # every worker evaluates the same global model: rank 0's numbers are everyone's
+    evaluated = {"test": test, "val": validation, "train": (x[:10000], y[:10000])}
+    return info, trainer, evaluated
+
+
+def _evaluate(model, evaluated: dict) -> dict:
+    row = {}
+    for prefix, data in evaluated.items():
+        if data is not None:
+            res = model.evaluate(*data, batch_size=1000, verbose=0, return_dict=True)
+            row.update({f"{prefix}_{k}": float(v) for k, v in res.items()})
+    return row
+
+
+def run_federated(config, run_dir: Path, log) -> int:
+    import hvd_gradalign as hga
+    from hvd_gradalign import distributed
+    from train.config import workers_phrase
+    from train.recorder import exit_before_first_step, write_metrics, write_summary
+
+    f, t = config["federated"], config["train"]
+    rank, workers = hga.rank(), hga.size()
+    summary_extra = lambda state: {"algorithm": f["algorithm"], "rounds_done": state.round}  # noqa: E731
+    info, trainer, evaluated = _build_trainer(config)
 
     resumed = _load(run_dir, rank, workers, warn=log) if t["resume"] else None
     if resumed is not None:
@@ -117,8 +135,8 @@ def run_federated(config, run_dir: Path, log) -> int:
         checkpoint.write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1))
     stop = hga.StopSignals(before_first_step=lambda name: exit_before_first_step(
         name, run_dir, workers, history, f"round {state.round}", **summary_extra(state)))
-    sizes = [len(c) for c in clients]
-    log(f"{info.name}: {len(y)} train samples in {len(clients)} clients ({f['split']}, "
+    sizes = [len(c) for c in trainer.clients]
+    log(f"{info.name}: {len(trainer.y)} train samples in {len(sizes)} clients ({f['split']}, "
         f"{min(sizes)}-{max(sizes)} samples each), {f['clients_per_round']} per round, "
         f"{f['algorithm']}, {workers_phrase(workers)}, run dir {run_dir}")
 
@@ -133,13 +151,7 @@ def run_federated(config, run_dir: Path, log) -> int:
         row = {"round": state.round, "communications": state.round * comms, **metrics,
                "round_time": time.perf_counter() - t0}
         if state.round % f["eval_rounds"] == 0 or state.round == f["rounds"]:
-            # every worker evaluates the same global model: rank 0's numbers are everyone's
-            sets = {"test": (x_test, y_test), "val": validation,
-                    "train": (x[:10000], y[:10000])}
-            for prefix, data in sets.items():
-                if data is not None:
-                    res = model.evaluate(*data, batch_size=1000, verbose=0, return_dict=True)
-                    row.update({f"{prefix}_{k}": float(v) for k, v in res.items()})
+            row.update(_evaluate(trainer.model, evaluated))
         row["wall_time"] = wall_before + time.perf_counter() - started
         history.append(row)
         if rank == 0:

@@ -78,43 +78,54 @@ def check_writable(run_dir: Path) -> None:
                           "--run-dir or fix its permissions") from None
 
 
-def run(config) -> int:
-    import keras
+def already_finished(config, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds this run, finished to its budget; a run dir holding a
+    run that this config cannot continue is an error that says what changed."""
+    from train.config import ConfigError, budget, resume_conflict
 
+    config_path, summary_path = run_dir / "config.json", run_dir / "summary.json"
+    if not config_path.exists():
+        return False
+    conflict = resume_conflict(json.loads(config_path.read_text()), config)
+    if conflict:
+        raise ConfigError(f"{run_dir} holds a run that cannot be continued with this configuration: "
+                          f"{conflict} ({config_path}); choose another --run-dir or delete that folder")
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return summary.get("status") == "finished" and summary.get("epochs_done", 0) >= budget(config)
+
+
+def run(config) -> int:
     import hvd_gradalign as hga
-    from hvd_gradalign import checkpoint
-    from hvd_gradalign.data import make_pipelines
-    from train.config import (ConfigError, budget, check_batch_split, is_federated, resume_conflict,
-                              workers_phrase)
-    from train.recorder import (EpochStats, Evaluation, Progress, RunRecorder, exit_before_first_step,
-                                write_summary)
-    from train.resume import fit_remaining, restore
+    from train.config import check_batch_split, is_federated
 
     hga.init()
-    workers, rank = hga.size(), hga.rank()
-    check_batch_split(config, workers)
-    t = config["train"]
-    run_dir = Path(t["run_dir"])
-    summary_path = run_dir / "summary.json"
-    config_path = run_dir / "config.json"
-    if config_path.exists():
-        conflict = resume_conflict(json.loads(config_path.read_text()), config)
-        if conflict:
-            raise ConfigError(f"{run_dir} holds a run that cannot be continued with this configuration: "
-                              f"{conflict} ({config_path}); choose another --run-dir or delete that folder")
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        if summary.get("status") == "finished" and summary.get("epochs_done", 0) >= budget(config):
-            log(f"run already finished: {run_dir} (see {summary_path}); nothing to do")
-            return EXIT_OK
+    check_batch_split(config, hga.size())
+    run_dir = Path(config["train"]["run_dir"])
+    if already_finished(config, run_dir):
+        log(f"run already finished: {run_dir} (see {run_dir / 'summary.json'}); nothing to do")
+        return EXIT_OK
     check_writable(run_dir)
     if is_federated(config):
         from train.federated_run import run_federated
 
         return run_federated(config, run_dir, log)
+    return run_distributed(config, run_dir)
 
+
+def run_distributed(config, run_dir: Path) -> int:
+    import keras
+
+    import hvd_gradalign as hga
+    from hvd_gradalign import checkpoint
+    from hvd_gradalign.data import make_pipelines
+    from train.config import workers_phrase
+    from train.recorder import exit_before_first_step, write_summary
+    from train.resume import fit_remaining, restore
+
+    workers, rank = hga.size(), hga.rank()
+    t, d = config["train"], config["data"]
     # Everything that can fail on the configuration happens before the run leaves
     # any trace: a corrected command may then use the same --run-dir.
-    d = config["data"]
     pipes = make_pipelines(
         d["dataset"], d["data_dir"] or None, rank=rank, size=workers, global_batch=t["batch_size"],
         seed=t["seed"], train_samples=d["train_samples"], validation_samples=d["validation_samples"],
@@ -125,22 +136,14 @@ def run(config) -> int:
     start = restore(run_dir, t["resume"], lambda: build_compiled_model(config, pipes.info, steps, workers), log)
     hga.wrap(start.model)
     if rank == 0:
-        checkpoint.write_text_atomic(config_path, json.dumps(config, indent=1))
+        checkpoint.write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1))
 
     guard = hga.StepGuard(before_first_step=lambda name: exit_before_first_step(
         name, run_dir, workers, start.history, f"epoch {start.epoch}, step {start.step}",
         global_batch=t["batch_size"]))
     log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers_phrase(workers)}, global batch "
         f"{t['batch_size']}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
-    recorder = RunRecorder(run_dir, guard, start.history, t["checkpoint_every"], t["epochs"], steps,
-                           resume_at=(start.epoch, start.step), wall_time_before=start.wall_time)
-    evaluated = {"val": pipes.validation, "test": pipes.test,
-                 "train_eval": pipes.train_eval if t["eval_train"] else None}
-    callbacks = [hga.BroadcastInitialState(), EpochStats(t["batch_size"], start.wall_time),
-                 Evaluation(evaluated, t["eval_every"], t["epochs"], recorder.cut_short), hga.MetricAverage(),
-                 guard, recorder, Progress(recorder.cut_short)]
-    if rank == 0:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")))
+    callbacks, recorder = training_callbacks(config, run_dir, pipes, start, guard)
     t0 = time.perf_counter()
     fit_remaining(start, pipes, t["epochs"], callbacks, t["verbose"] if rank == 0 else 0, guard)
     history = start.history
@@ -163,6 +166,27 @@ def run(config) -> int:
         return EXIT_INTERRUPTED
     log(f"finished: {run_dir}")
     return EXIT_OK
+
+
+def training_callbacks(config, run_dir: Path, pipes, start, guard):
+    """fit's callbacks, in the order they must run, and the recorder among them."""
+    import keras
+
+    import hvd_gradalign as hga
+    from train.recorder import EpochStats, Evaluation, Progress, RunRecorder
+
+    t = config["train"]
+    recorder = RunRecorder(run_dir, guard, start.history, t["checkpoint_every"], t["epochs"],
+                           pipes.steps_per_epoch, resume_at=(start.epoch, start.step),
+                           wall_time_before=start.wall_time)
+    evaluated = {"val": pipes.validation, "test": pipes.test,
+                 "train_eval": pipes.train_eval if t["eval_train"] else None}
+    callbacks = [hga.BroadcastInitialState(), EpochStats(t["batch_size"], start.wall_time),
+                 Evaluation(evaluated, t["eval_every"], t["epochs"], recorder.cut_short), hga.MetricAverage(),
+                 guard, recorder, Progress(recorder.cut_short)]
+    if hga.rank() == 0:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")))
+    return callbacks, recorder
 
 
 def main(argv=None) -> int:
