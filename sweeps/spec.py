@@ -118,8 +118,29 @@ def point_id(config: dict, workers: int) -> str:
 
 
 def load(path, runs_root=None) -> Sweep:
+    """A sweep spec's points, each a complete training config that passes the checks
+    `python -m train` makes (a point that cannot run is an error here, before any launch)."""
     path = Path(path)
     spec = read_toml(path, "sweep spec")
+    head, resources, workers = _head(spec, path)
+    runs_dir = Path(runs_root or head.get("runs_root", REPO / "runs")) / head["name"]
+    base = _base_config(spec, head, path)
+    sweep = Sweep(head["name"], path, runs_dir, workers, resources)
+    seen = set()
+    for params in _grid_points(spec, path):
+        config, params = _point_config(base, params, spec, path)
+        _check_point(config, params, workers, path)
+        pid = point_id(config, workers)
+        if pid in seen:
+            continue
+        seen.add(pid)
+        config["train"]["run_dir"] = str(runs_dir / pid)
+        sweep.points.append(Point(pid, config, workers, params))
+    return sweep
+
+
+def _head(spec, path):
+    """[sweep] and [resources], checked: (head, resources, workers)."""
     unknown = set(spec) - {"sweep", "fixed", "grid", "resources"}
     if unknown:
         raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; use sweep, fixed, grid, resources")
@@ -137,22 +158,31 @@ def load(path, runs_root=None) -> Sweep:
     workers = int(head.get("workers", 1))
     if workers < 1:
         raise ConfigError(f"{path}: sweep.workers must be >= 1")
-    runs_dir = Path(runs_root or head.get("runs_root", REPO / "runs")) / head["name"]
+    return head, resources, workers
 
+
+def _sectioned(flat, where, path):
+    out: dict = {}
+    for key, value in flat.items():
+        if key not in SECTION_OF:
+            raise ConfigError(f"{path}: unknown training key {key!r} in [{where}]")
+        out.setdefault(SECTION_OF[key], {})[key] = value
+    return out
+
+
+def _base_config(spec, head, path):
+    """The defaults, then the base config file, then [fixed] (β apart: it may be a ratio
+    to each point's lr)."""
     base = copy.deepcopy(DEFAULTS)
     if "base_config" in head:
         base_path = _resolve_path(head["base_config"], path)
         merge(base, read_toml(base_path, "base config"), str(base_path))
+    fixed = {k: v for k, v in spec.get("fixed", {}).items() if k != "beta"}
+    return merge(base, _sectioned(fixed, "fixed", path), str(path))
 
-    def sectioned(flat, where):
-        out: dict = {}
-        for key, value in flat.items():
-            if key not in SECTION_OF:
-                raise ConfigError(f"{path}: unknown training key {key!r} in [{where}]")
-            out.setdefault(SECTION_OF[key], {})[key] = value
-        return out
 
-    merge(base, sectioned({k: v for k, v in spec.get("fixed", {}).items() if k != "beta"}, "fixed"), str(path))
+def _grid_points(spec, path):
+    """Every combination of every [[grid]] table, in order, as {key: value}."""
     grids = spec.get("grid", {})
     grids = grids if isinstance(grids, list) else [grids]
     for grid in grids:
@@ -161,39 +191,37 @@ def load(path, runs_root=None) -> Sweep:
                 raise ConfigError(f"{path}: grid.{key} must be a non-empty list")
             if key not in SECTION_OF:
                 raise ConfigError(f"{path}: unknown training key {key!r} in [grid]")
-    sweep = Sweep(head["name"], path, runs_dir, workers, resources)
-    seen = set()
     for grid in grids:
         keys = list(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):
-            params = dict(zip(keys, combo))
-            config = copy.deepcopy(base)
-            flat = {k: v for k, v in params.items() if k != "beta"}
-            merge(config, sectioned(flat, "grid"), str(path))
-            beta = params.get("beta", spec.get("fixed", {}).get("beta", config["optim"]["beta"]))
-            beta = _beta(beta, config["optim"]["lr"], str(path))
-            algorithm = config["federated"]["algorithm"]
-            if config["optim"]["optimizer"] != "gradalign" or algorithm not in ("none", "fedga"):
-                beta = 0.0  # no β for the baselines: their β variants are one point
-            params["beta"] = beta
-            merge(config, {"optim": {"beta": float(beta)}}, str(path))
-            config["train"]["verbose"] = 2
-            what = ", ".join(f"{k}={v}" for k, v in params.items())
-            try:
-                # The checks `python -m train` makes before training, made here so
-                # that a point that cannot run is never launched.
-                validate(config)
-                check_batch_split(config, workers)
-                check_data_fits(config, workers, available_train_samples(config))
-            except ConfigError as err:
-                raise ConfigError(f"{path}: the point {what} cannot run: {err}") from None
-            pid = point_id(config, workers)
-            if pid in seen:
-                continue
-            seen.add(pid)
-            config["train"]["run_dir"] = str(runs_dir / pid)
-            sweep.points.append(Point(pid, config, workers, params))
-    return sweep
+            yield dict(zip(keys, combo))
+
+
+def _point_config(base, params, spec, path):
+    """A point's training config, and its params with β resolved."""
+    config = copy.deepcopy(base)
+    merge(config, _sectioned({k: v for k, v in params.items() if k != "beta"}, "grid", path), str(path))
+    beta = params.get("beta", spec.get("fixed", {}).get("beta", config["optim"]["beta"]))
+    beta = _beta(beta, config["optim"]["lr"], str(path))
+    algorithm = config["federated"]["algorithm"]
+    if config["optim"]["optimizer"] != "gradalign" or algorithm not in ("none", "fedga"):
+        beta = 0.0  # no β for the baselines: their β variants are one point
+    params = {**params, "beta": beta}
+    merge(config, {"optim": {"beta": float(beta)}}, str(path))
+    config["train"]["verbose"] = 2
+    return config, params
+
+
+def _check_point(config, params, workers, path):
+    """The checks `python -m train` makes before training, made here so that a point
+    that cannot run is never launched."""
+    try:
+        validate(config)
+        check_batch_split(config, workers)
+        check_data_fits(config, workers, available_train_samples(config))
+    except ConfigError as err:
+        what = ", ".join(f"{k}={v}" for k, v in params.items())
+        raise ConfigError(f"{path}: the point {what} cannot run: {err}") from None
 
 
 def to_toml(config: dict) -> str:
