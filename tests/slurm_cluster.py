@@ -17,6 +17,16 @@ class ClusterUnavailable(RuntimeError):
     pass
 
 
+def _signal_pidfile(path, sig):
+    """Send ``sig`` to the process named in ``path``; False when the file or the
+    process is gone (or the file is still being written)."""
+    try:
+        os.kill(int(path.read_text().strip()), sig)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def cluster_fixture(cluster, what):
     """Start ``cluster`` for a test module with SLURM_CONF pointing at it (the
     sweeps' in-process squeue calls read it), and stop it afterwards."""
@@ -136,18 +146,12 @@ class LocalSlurm:
         subprocess.run(["scancel", "--full", "-u", "root"], capture_output=True, env=self.env())
         pidfiles = [self.dir / name for name in self.pidfiles]
         for p in pidfiles:
-            if p.exists():
-                try:
-                    os.kill(int(p.read_text().strip()), signal.SIGTERM)
-                except (ProcessLookupError, ValueError):
-                    pass
+            _signal_pidfile(p, signal.SIGTERM)
         deadline = time.time() + 20
         for p in pidfiles:
-            while p.exists() and time.time() < deadline:
-                try:
-                    os.kill(int(p.read_text().strip()), 0)
-                except (ProcessLookupError, ValueError):
-                    break
+            # A daemon removes its pid file as it exits, so the file can vanish
+            # between any two looks at it: absent means gone.
+            while _signal_pidfile(p, 0) and time.time() < deadline:
                 time.sleep(0.2)
         # slurmstepd children, if any job step survived, and a daemon whose pid file
         # is gone but which still runs: whatever runs with this cluster's config goes.
