@@ -59,6 +59,40 @@ def test_config_errors_name_the_key(tmp_path, text, match):
         load(["--config", str(cfg)])
 
 
+def test_the_schema_is_the_one_source_of_keys_types_meaning_and_section_rules(capsys):
+    import dataclasses
+
+    from train.config import DEFAULTS, build_parser
+    from train.schema import SECTIONS, DataSection, FederatedSection, OptimSection
+
+    # The tables every run and sweep point are made of are the dataclasses' defaults.
+    assert DEFAULTS == {name: dataclasses.asdict(section()) for name, section in SECTIONS.items()}
+    # A key's type is its annotation: a float where an int is declared is refused, an int
+    # where a float is declared is taken as that float.
+    assert OptimSection.key_type("micro_batches") is int and OptimSection.key_type("decay_epochs") is list
+    with pytest.raises(ConfigError, match=r"optim\.micro_batches: expected int, got 1\.5"):
+        load(["--set", "optim.micro_batches=1.5"])
+    assert load(["--set", "optim.beta=1"])["optim"]["beta"] == 1.0
+    # Every key says what it means, and --help shows it beside the default.
+    helps = {k: f.metadata["help"] for s in SECTIONS.values() for k, f in s.keys().items()}
+    assert all(helps.values()), [k for k, h in helps.items() if not h]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "alignment strength β (default: 0.025)" in shown and "GLOBAL batch (default: 512)" in shown
+    # A section's rules are its own: the same errors without the command line...
+    with pytest.raises(ConfigError, match=r"data\.subset_seed draws data\.train_samples"):
+        DataSection(subset_seed=3).check()
+    with pytest.raises(ConfigError, match=r"optim\.beta must be a finite number >= 0"):
+        OptimSection(beta=float("nan")).check()
+    # ...and the federated section's split rule is the library's check_split, named by key,
+    # and only for a federated run (a distributed run's [federated] takes no part).
+    with pytest.raises(ConfigError, match=r"federated\.alpha must be > 0 \(a Dirichlet concentration\)"):
+        FederatedSection(algorithm="fedavg", split="dirichlet", alpha=0.0).check()
+    FederatedSection(split="dirichlet", alpha=0.0).check()
+    assert load(["--split", "dirichlet", "--alpha", "0"])["federated"]["alpha"] == 0.0
+
+
 def test_command_line_errors():
     with pytest.raises(ConfigError, match="epochs: cannot parse"):
         load(["--epochs", "many"])

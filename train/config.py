@@ -1,7 +1,10 @@
-"""Training configuration: defaults, a TOML file, command-line overrides, checks.
+"""Training configuration filled from a TOML file and the command line, and checked.
 
-Every key lives in one section and has a unique name, so ``--batch-size 4096``
-sets ``train.batch_size`` and ``--set optim.beta=0.1`` works for any key.
+The keys, their types, defaults and meaning, and each section's own rules are the
+schema's (``train.schema``); this module fills plain tables from TOML and flags and adds
+the rules that cross sections. Every key lives in one section and has a unique name, so
+``--batch-size 4096`` sets ``train.batch_size`` and ``--set optim.beta=0.1`` works for
+any key.
 """
 
 from __future__ import annotations
@@ -10,99 +13,16 @@ import argparse
 import copy
 import json
 import tomllib
-import math
 from pathlib import Path
 
-from hvd_gradalign.federated import (ALGORITHMS, SERVER_OPTIMIZERS, SPLITS, FederatedConfig,
-                                     FederatedConfigError, check_split)
-from hvd_gradalign.models import MODELS, NORMS
-from hvd_gradalign.optimizers import INNER_OPTIMIZERS, check_alignment_strength
-from hvd_gradalign.schedules import DECAYS, SCALING_RULES, WARMUP_STARTS, scaled_learning_rate, warmup_start
+from hvd_gradalign.federated import FederatedConfig, FederatedConfigError
+from hvd_gradalign.schedules import scaled_learning_rate, warmup_start
 
-DEFAULTS = {
-    "data": {
-        "dataset": "fashion_mnist",   # the embedded default, or any tfds name with data_dir
-        "data_dir": "",               # tfds data dir ("" = the embedded dataset's cache)
-        "train_samples": 0,           # 0 = the whole train split (minus validation)
-        "subset_seed": -1,            # >= 0: train_samples drawn at random with this seed; -1: the first ones
-        "validation_samples": 0,      # held out from the end of the train split
-        "test_samples": 0,            # 0 = the whole test split
-        "augment": False,             # CIFAR-family crop + flip
-    },
-    "model": {
-        "model": "mlp",
-        "norm": "default",            # batch | group | none | default (the model's own)
-    },
-    "optim": {
-        "optimizer": "gradalign",     # sgd (data-parallel) | gradalign
-        "inner": "sgd",               # sgd | adam | adamw | lamb
-        "lr": 0.05,                   # base learning rate, tuned at reference_batch
-        "reference_batch": 128,
-        "lr_scaling": "linear",       # linear | sqrt | none
-        "warmup_epochs": 0.0,         # > 0: lr ramps linearly to the peak over these epochs
-        "warmup_from": "zero",        # zero | lr (Goyal et al.: from lr to the scaled peak)
-        "decay": "constant",          # constant | step | cosine
-        "decay_epochs": [],           # for step decay
-        "decay_factor": 0.1,
-        "momentum": 0.9,
-        "nesterov": False,
-        "weight_decay": 0.0,
-        "clipnorm": 0.0,              # 0 = no clipping (global norm)
-        "beta": 0.025,
-        "beta_follows_lr": False,     # β = beta × lr(t) / peak lr
-        "micro_batches": 4,           # per worker
-        "micro_batch_size": 0,        # >0: micro-batches of this many samples instead
-        "log_alignment": True,        # sgd: report V (micro-batched first pass, no second)
-    },
-    "federated": {                    # algorithm != "none": federated rounds instead of epochs
-        "algorithm": "none",          # none | fedavg | fedga | scaffold | fedprox
-        "clients": 20,
-        "clients_per_round": 10,
-        "rounds": 100,
-        "local_steps": 10,            # K local SGD steps (lr = optim.lr, wd = optim.weight_decay)
-        "local_batch": 32,
-        "grad_samples": 0,            # fedga: samples for g_i (0 = all the client's data); β = optim.beta
-        "mu": 0.01,                   # fedprox
-        "split": "shards",            # iid | shards (label-sorted, reference code) | dirichlet
-        "iid_fraction": 0.0,          # shards: part of the data spread i.i.d. first
-        "shards_per_client": 1,       # shards: label-sorted shards per client (2: ~2 classes each)
-        "alpha": 0.1,                 # dirichlet concentration
-        "server_optimizer": "sgd",    # sgd (momentum > 0: FedAvgM) | adam (FedAdam, Reddi et al. 2021)
-        "server_lr": 1.0,             # 1 with sgd and no momentum: plain averaging
-        "server_momentum": 0.0,       # sgd only
-        "server_beta1": 0.9,          # adam only
-        "server_beta2": 0.99,
-        "server_epsilon": 1e-3,       # adam's τ (adaptivity)
-        "eval_rounds": 1,             # evaluate test (and validation) every N rounds
-        "variance_every": 1,          # measure V at x every N rounds (fedga: every round, free)
-    },
-    "train": {
-        "batch_size": 512,            # GLOBAL batch
-        "epochs": 5,
-        "seed": 0,
-        "run_dir": "runs/default",
-        "checkpoint_every": 1,        # epochs
-        "eval_every": 1,              # evaluate validation/test every N epochs (and the last)
-        "eval_train": False,          # also evaluate the training samples (clean train accuracy)
-        "resume": True,               # continue from run_dir's checkpoint if there is one
-        "verbose": 2,                 # Keras progress: 0 silent, 1 bar, 2 a line per epoch
-    },
-}
+from .schema import SECTIONS, ConfigError
 
-# The allowed values come from the library's registries (one list per kind).
-CHOICES = {
-    "optimizer": ("sgd", "gradalign"),
-    "inner": INNER_OPTIMIZERS,
-    "model": tuple(sorted(MODELS)),
-    "lr_scaling": SCALING_RULES,
-    "decay": DECAYS,
-    "warmup_from": WARMUP_STARTS,
-    "norm": ("default",) + NORMS,
-    "algorithm": ("none",) + ALGORITHMS,
-    "server_optimizer": SERVER_OPTIMIZERS,
-    "split": SPLITS,
-    "verbose": (0, 1, 2),
-}
+# The schema's defaults as plain tables: what a run's config.toml, run identities and
+# sweep points are made of.
+DEFAULTS = {name: section.defaults() for name, section in SECTIONS.items()}
 
 SECTION_OF = {key: section for section, keys in DEFAULTS.items() for key in keys}
 
@@ -145,10 +65,6 @@ def run_identity(config: dict, ignore=()) -> dict:
             for s, keys in config.items() if s != "federated" or federated}
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def read_toml(path, what="TOML file") -> dict:
     """A TOML file's tables; a missing file or a syntax error is a ConfigError naming it."""
     path = Path(path)
@@ -179,16 +95,19 @@ def resume_conflict(previous: dict, config: dict) -> str | None:
     return None
 
 
-def _check_type(key, value, default):
-    expected = type(default)
+def _check_type(section, key, value):
+    """``value`` as the type the schema gives ``section.key`` (an int where a float is
+    expected is taken as that float); anything else is a ConfigError."""
+    expected = SECTIONS[section].key_type(key)
+    name = f"{section}.{key}"
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
         return value
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{name}: expected {expected.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -203,7 +122,7 @@ def merge(config: dict, updates: dict, origin: str) -> dict:
                 hint = f" (it belongs in [{SECTION_OF[key]}])" if key in SECTION_OF else ""
                 raise ConfigError(f"{origin}: unknown key {section}.{key}{hint}; "
                                   f"keys of [{section}] are {sorted(DEFAULTS[section])}")
-            config[section][key] = _check_type(f"{section}.{key}", value, DEFAULTS[section][key])
+            config[section][key] = _check_type(section, key, value)
     return config
 
 
@@ -230,60 +149,24 @@ def _parse_value(key, text):
 
 
 def validate(config: dict) -> dict:
-    for section, values in config.items():
-        for key, value in values.items():
-            if key in CHOICES and value not in CHOICES[key]:
-                raise ConfigError(f"{section}.{key} = {value!r}; choose one of {CHOICES[key]}")
-    o, t, d = config["optim"], config["train"], config["data"]
-    positive = [("train.batch_size", t["batch_size"]), ("train.epochs", t["epochs"]),
-                ("optim.lr", o["lr"]), ("optim.reference_batch", o["reference_batch"]),
-                ("optim.micro_batches", o["micro_batches"]), ("train.eval_every", t["eval_every"])]
-    for name, value in positive:
-        if value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
-    for name in ("lr", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor", "momentum"):
-        if not math.isfinite(o[name]):
-            raise ConfigError(f"optim.{name} must be a finite number, got {o[name]}")
-    try:
-        check_alignment_strength("beta", o["beta"])
-    except ValueError as err:
-        raise ConfigError(f"optim.{err}") from None
-    for name in ("warmup_epochs", "weight_decay", "clipnorm", "decay_factor"):
-        if o[name] < 0:
-            raise ConfigError(f"optim.{name} must be >= 0, got {o[name]}")
-    if o["micro_batch_size"] < 0:
-        raise ConfigError("optim.micro_batch_size must be >= 0 (0 = use optim.micro_batches)")
-    for name in ("train_samples", "validation_samples", "test_samples"):
-        if d[name] < 0:
-            raise ConfigError(f"data.{name} must be >= 0, got {d[name]}")
-    if t["checkpoint_every"] < 0:
-        raise ConfigError("train.checkpoint_every must be >= 0 (0 = only at the end and on signals)")
-    f = config["federated"]
+    """Each section's own rules (the schema's, which name the library's), then the rules
+    that cross sections; the first one broken is a ConfigError naming its key."""
+    for name, section in SECTIONS.items():
+        section(**config[name]).check()
+    o, t = config["optim"], config["train"]
     if is_federated(config):
-        for name in ("rounds", "eval_rounds", "variance_every"):
-            if f[name] < 1:
-                raise ConfigError(f"federated.{name} must be >= 1, got {f[name]}")
-        # The library's own rules, named by this config's keys.
+        f = config["federated"]
         try:
             federated_config(config).check(f["clients"])
-            check_split(f["split"], f["clients"], f["iid_fraction"], f["shards_per_client"], f["alpha"])
         except FederatedConfigError as err:
             key = KEY_OF_FEDERATED_FIELD.get(err.field, f"federated.{err.field}")
             raise ConfigError(f"{key} {err.message}") from None
-    if d["subset_seed"] < -1:
-        raise ConfigError(f"data.subset_seed must be >= 0 (a seeded random subset) or -1 (the first "
-                          f"train_samples), got {d['subset_seed']}")
-    if d["subset_seed"] >= 0 and not d["train_samples"]:
-        raise ConfigError("data.subset_seed draws data.train_samples samples at random, but "
-                          "train_samples = 0 takes the whole split; set data.train_samples")
     if o["warmup_epochs"] > 0:
         peak = scaled_learning_rate(o["lr"], t["batch_size"], o["reference_batch"], o["lr_scaling"])
         try:
             warmup_start(o["warmup_from"], o["lr"], peak)
         except ValueError as err:
             raise ConfigError(f"optim.warmup_from = {o['warmup_from']!r}: {err}") from None
-    if o["decay"] == "step" and not o["decay_epochs"]:
-        raise ConfigError("optim.decay = 'step' needs optim.decay_epochs, e.g. [30, 60]")
     return config
 
 
@@ -365,13 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file (sections: data, model, optim, train)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any key (repeatable)")
-    for section, keys in DEFAULTS.items():
+    for section, schema in SECTIONS.items():
         group = p.add_argument_group(f"[{section}]")
-        for key, default in keys.items():
+        for key, spec in schema.keys().items():
+            default = DEFAULTS[section][key]
             flag = "--" + key.replace("_", "-")
             extra = {"nargs": "?", "const": "true"} if isinstance(default, bool) else {}
             group.add_argument(flag, dest=f"opt_{key}", default=None, metavar="V",
-                               help=f"default: {json.dumps(default)}", **extra)
+                               help=f"{spec.metadata['help']} (default: {json.dumps(default)})", **extra)
     return p
 
 
