@@ -114,9 +114,15 @@ def _check_split(parts, n):
 
 def sample_clients(round_index: int, clients: int, per_round: int, seed: int) -> np.ndarray:
     """The round's participants, without replacement, the same on every worker."""
-    if not 1 <= per_round <= clients:
-        raise ValueError(f"clients_per_round={per_round} must be between 1 and clients={clients}")
+    check_participants(per_round, clients)
     return np.sort(np.random.default_rng([seed, round_index]).choice(clients, per_round, replace=False))
+
+
+def check_participants(per_round: int, clients: int) -> None:
+    """The rule on how many clients a round draws (a FederatedConfigError naming it)."""
+    if not 1 <= per_round <= clients:
+        raise FederatedConfigError("clients_per_round", f"= {per_round} must be between 1 and the number "
+                                                        f"of clients ({clients})")
 
 
 def owner(client: int, workers: int) -> int:
@@ -173,9 +179,7 @@ class FederatedConfig:
         for name in ("weight_decay", "mu", "server_momentum", "grad_samples"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if not 1 <= self.clients_per_round <= clients:
-            bad("clients_per_round", f"= {self.clients_per_round} must be between 1 and the number of "
-                                     f"clients ({clients})")
+        check_participants(self.clients_per_round, clients)
 
 
 class FederatedConfigError(ValueError):

@@ -143,7 +143,7 @@ def test_sampling_is_the_same_everywhere_and_without_replacement():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda y: federated.sample_clients(0, 5, 6, 0), "between 1 and clients=5"),
+    (lambda y: federated.sample_clients(0, 5, 6, 0), r"clients_per_round = 6 must be between 1 and the number of clients \(5\)"),
     (lambda y: federated.split_dirichlet(y, 40, 0, 0.01), "without data"),
     (lambda y: federated.split_label_shards(y, 200, 0), "without data"),
     (lambda y: federated.FederatedConfig(local_steps=0).check(5), "local_steps must be >= 1"),
