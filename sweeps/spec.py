@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.config import (DEFAULTS, SECTION_OF, ConfigError, check_batch_split, check_data_fits, merge,
-                          read_toml, run_identity, validate)
+                          read_toml, run_identity, uses_beta, validate)
 
 REPO = Path(__file__).resolve().parents[1]
 RESOURCE_DEFAULTS = {"cpus_per_task": 1, "gpus_per_task": 0, "time": "01:00:00",
@@ -203,8 +203,7 @@ def _point_config(base, params, spec, path):
     merge(config, _sectioned({k: v for k, v in params.items() if k != "beta"}, "grid", path), str(path))
     beta = params.get("beta", spec.get("fixed", {}).get("beta", config["optim"]["beta"]))
     beta = _beta(beta, config["optim"]["lr"], str(path))
-    algorithm = config["federated"]["algorithm"]
-    if config["optim"]["optimizer"] != "gradalign" or algorithm not in ("none", "fedga"):
+    if not uses_beta(config):
         beta = 0.0  # no β for the baselines: their β variants are one point
     params = {**params, "beta": beta}
     merge(config, {"optim": {"beta": float(beta)}}, str(path))

@@ -65,6 +65,22 @@ def test_spec_points_rules_and_stable_ids(tmp_path):
     assert all(p.run_dir.parent == tmp_path / "runs" / "tiny" for p in sweep.points)
 
 
+def test_fedga_points_keep_their_beta_whatever_optim_optimizer_says(tmp_path):
+    """Rounds do not read optim.optimizer: a FedGA point keeps its β (it was zeroed when
+    the base config said optimizer = "sgd", which made FedGA silently FedAvg), and the
+    other algorithms' β variants are one point."""
+    base = tmp_path / "base.toml"
+    base.write_text((REPO / "train/configs/fashion_mnist_fedga.toml").read_text()
+                    .replace("[optim]\n", '[optim]\noptimizer = "sgd"\n'))
+    spec = tmp_path / "fed.toml"
+    spec.write_text(f'[sweep]\nname = "fed"\nbase_config = "{base}"\n'
+                    '[grid]\nalgorithm = ["fedga", "fedavg"]\nbeta = [0.05, 0.1]\nseed = [0]\n')
+    sweep = sweep_spec.load(spec, tmp_path / "runs")
+    fedga = sorted(p.config["optim"]["beta"] for p in sweep.points if p.params["algorithm"] == "fedga")
+    fedavg = [p.config["optim"]["beta"] for p in sweep.points if p.params["algorithm"] == "fedavg"]
+    assert fedga == [0.05, 0.1] and fedavg == [0.0]
+
+
 @pytest.mark.parametrize("edit, match", [
     (("lr = [0.05]", "learning_rate = [0.05]"), "unknown training key 'learning_rate'"),
     (('beta = ["lr/2", 0.1]', 'beta = ["half"]'), "beta rule 'half'"),

@@ -18,7 +18,7 @@ from pathlib import Path
 from hvd_gradalign.federated import FederatedConfig, FederatedConfigError
 from hvd_gradalign.schedules import scaled_learning_rate, warmup_start
 
-from .schema import SECTIONS, ConfigError
+from .schema import NOT_FEDERATED, SECTIONS, ConfigError
 
 # The schema's defaults as plain tables: what a run's config.toml, run identities and
 # sweep points are made of.
@@ -42,7 +42,15 @@ ADDED_LATER = {("data", "subset_seed"): -1,
 def is_federated(config: dict) -> bool:
     """Whether a config asks for federated rounds (any algorithm but "none") rather than
     distributed epochs."""
-    return config.get("federated", {}).get("algorithm", "none") != "none"
+    return config.get("federated", {}).get("algorithm", NOT_FEDERATED) != NOT_FEDERATED
+
+
+def uses_beta(config: dict) -> bool:
+    """Whether optim.beta takes part in what a config computes: GradAlign's distributed
+    step, or FedGA's rounds (whatever optim.optimizer says, which rounds do not read)."""
+    if is_federated(config):
+        return config["federated"]["algorithm"] == "fedga"
+    return config["optim"]["optimizer"] == "gradalign"
 
 
 def budget(config: dict) -> int:

@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     pass
 
 
+# federated.algorithm's value for a distributed run (epochs of global batches, no rounds).
+NOT_FEDERATED = "none"
+
+
 def key(default, help: str, choices: tuple = ()):
     """A config key: its default, what it means (shown by ``--help``) and, for a key
     with a fixed set of values, those values."""
@@ -135,8 +139,8 @@ class OptimSection(Section):
 @dataclass
 class FederatedSection(Section):
     name: typing.ClassVar[str] = "federated"
-    algorithm: str = key("none", "none (distributed epochs) | fedavg | fedga | scaffold | fedprox",
-                         ("none",) + ALGORITHMS)
+    algorithm: str = key(NOT_FEDERATED, "none (distributed epochs) | fedavg | fedga | scaffold | fedprox",
+                         (NOT_FEDERATED,) + ALGORITHMS)
     clients: int = key(20, "virtual clients")
     clients_per_round: int = key(10, "participants drawn each round")
     rounds: int = key(100, "the budget of a federated run")
@@ -158,13 +162,9 @@ class FederatedSection(Section):
     eval_rounds: int = key(1, "evaluate test (and validation) every N rounds")
     variance_every: int = key(1, "measure V at x every N rounds (fedga: every round, free)")
 
-    @property
-    def active(self) -> bool:
-        return self.algorithm != "none"
-
     def check(self):
         super().check()
-        if not self.active:
+        if self.algorithm == NOT_FEDERATED:
             return  # a distributed run: this section takes no part
         self._at_least(1, ("rounds", "eval_rounds", "variance_every"))
         try:
