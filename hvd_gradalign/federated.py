@@ -212,24 +212,39 @@ def check_split(split: str, clients: int, iid_fraction: float = 0.0, shards_per_
 
 @dataclass
 class FederatedState:
-    weights: list                     # global x (numpy arrays)
+    """A federated run's state between rounds. While rounds run every entry is a
+    ``tf.Variable`` (the trainer converts a restored state on its first round), so a round
+    moves nothing through the host; ``to_arrays`` / ``from_arrays`` are the NumPy form for
+    checkpoints."""
+    weights: list                     # global x
     round: int = 0
     server_velocity: list | None = None        # sgd: v; adam: the first moment m
     server_second_moment: list | None = None   # adam: v
     c: list | None = None             # SCAFFOLD server control variate
-    c_clients: dict = field(default_factory=dict)   # SCAFFOLD c_i of this worker's clients
+    # SCAFFOLD: every client's c_i, stacked (one variable per weight, a row per client;
+    # this worker's clients' rows are the ones it updates), and which rows were set.
+    c_stacked: list | None = None
+    c_started: set = field(default_factory=set)
+    _restored_c: dict = field(default_factory=dict, repr=False)  # from_arrays, until stacked
+
+    @property
+    def c_clients(self) -> dict:
+        """SCAFFOLD's c_i of this worker's clients that have taken part: client -> list."""
+        if self.c_stacked is None:
+            return dict(self._restored_c)
+        return {c: [v[c] for v in self.c_stacked] for c in sorted(self.c_started)}
 
     def to_arrays(self) -> dict:
         """Flat numpy arrays for a checkpoint (this worker's c_i included)."""
-        out = {f"w{i}": w for i, w in enumerate(self.weights)}
+        out = {f"w{i}": np.asarray(w) for i, w in enumerate(self.weights)}
         out["round"] = np.array(self.round)
         for name, values in (("v", self.server_velocity), ("s", self.server_second_moment),
                              ("c", self.c)):
             for i, v in enumerate(values or ()):
-                out[f"{name}{i}"] = v
+                out[f"{name}{i}"] = np.asarray(v)
         for client, cs in self.c_clients.items():
             for i, v in enumerate(cs):
-                out[f"ci{client}_{i}"] = v
+                out[f"ci{client}_{i}"] = np.asarray(v)
         return out
 
     @classmethod
@@ -245,7 +260,13 @@ class FederatedState:
                 client, i = k[2:].split("_")
                 c_clients.setdefault(int(client), {})[int(i)] = np.asarray(arrays[k])
         return cls(weights=listed("w"), round=int(arrays["round"]), server_velocity=listed("v"),
-                   server_second_moment=listed("s"), c=listed("c"), c_clients={c: [d[i] for i in sorted(d)] for c, d in c_clients.items()})
+                   server_second_moment=listed("s"), c=listed("c"),
+                   _restored_c={c: [d[i] for i in sorted(d)] for c, d in c_clients.items()})
+
+
+def _variables(values):
+    return None if values is None else [v if isinstance(v, tf.Variable) else tf.Variable(v, trainable=False)
+                                        for v in values]
 
 
 class FederatedTrainer:
@@ -266,15 +287,30 @@ class FederatedTrainer:
 
     def initial_state(self) -> FederatedState:
         """Root's weights on every worker (a broadcast), zero optimizer/control state."""
-        weights = [np.asarray(w) for w in distributed.broadcast_values(self.variables, 0)]
-        zeros = [np.zeros_like(w) for w in weights]
+        weights = distributed.broadcast_values(self.variables, 0)
+        zeros = lambda: [tf.zeros_like(w) for w in weights]  # noqa: E731
         state = FederatedState(weights=weights)
         if self.config.server_momentum or self.config.server_optimizer == "adam":
-            state.server_velocity = [z.copy() for z in zeros]
+            state.server_velocity = zeros()
         if self.config.server_optimizer == "adam":
-            state.server_second_moment = [z.copy() for z in zeros]
+            state.server_second_moment = zeros()
         if self.config.algorithm == "scaffold":
-            state.c = [z.copy() for z in zeros]
+            state.c = zeros()
+        return self._live(state)
+
+    def _live(self, state: FederatedState) -> FederatedState:
+        """``state`` with every entry in a tf.Variable (a restored one is converted once)."""
+        state.weights = _variables(state.weights)
+        state.server_velocity = _variables(state.server_velocity)
+        state.server_second_moment = _variables(state.server_second_moment)
+        state.c = _variables(state.c)
+        if self.config.algorithm == "scaffold" and state.c_stacked is None:
+            rows = [np.zeros((len(self.clients),) + tuple(w.shape), w.dtype.as_numpy_dtype) for w in state.weights]
+            for client, cs in state._restored_c.items():
+                for row, v in zip(rows, cs):
+                    row[client] = v
+            state.c_stacked = _variables(rows)
+            state.c_started, state._restored_c = set(state._restored_c), {}
         return state
 
     # -- one client --------------------------------------------------------------
@@ -325,8 +361,7 @@ class FederatedTrainer:
             v.assign(value)
 
     def _gradient_at(self, weights, idx):
-        grads = self._grad([tf.constant(w) for w in weights], tf.constant(idx))
-        return [g.numpy().astype(w.dtype) for g, w in zip(grads, weights)]
+        return self._grad(list(weights), tf.constant(idx))
 
     def _assign(self, weights):
         for v, w in zip(self.variables, weights):
@@ -346,19 +381,19 @@ class FederatedTrainer:
 
     def _local_train(self, client, start, x_global, round_index, correction=None):
         batches = np.stack(list(self._batches(client, round_index)))
-        as_tensors = lambda ws: [tf.constant(w) for w in ws]  # noqa: E731
-        y = self._train(as_tensors(start), as_tensors(x_global),
-                        None if correction is None else as_tensors(correction), tf.constant(batches))
-        return [v.numpy() for v in y]
+        return self._train(list(start), list(x_global), correction, tf.constant(batches))
 
     # -- a round -------------------------------------------------------------------
+    # Everything below is TensorFlow ops on the state's variables and the clients' models
+    # as tensors; the host draws the round's clients and batch indices and reads V.
     def run_round(self, state: FederatedState, log_variance: bool | None = None
                   ) -> tuple[FederatedState, dict]:
         """One round; ``log_variance`` (default ``config.log_variance``) says whether to
         measure V at x this round. It must be the same on every worker (an allreduce)."""
         cfg, workers, me = self.config, distributed.size(), distributed.rank()
         log_variance = cfg.log_variance if log_variance is None else log_variance
-        x = state.weights
+        state = self._live(state)
+        x = [tf.identity(w) for w in state.weights]  # x as it was when the round began
         sampled = sample_clients(state.round, len(self.clients), cfg.clients_per_round, cfg.seed)
         mine = [c for c in sampled if owner(c, workers) == me]
         n = {c: float(len(self.clients[c])) for c in sampled}
@@ -366,7 +401,8 @@ class FederatedTrainer:
         starts, metrics = self._starts(x, mine, n, log_variance)
         models, c_delta = self._train_clients(state, x, mine, starts)
         x_bar = self._aggregate(state, x, sampled, n, models, c_delta)
-        state.weights = self._server_step(state, x, [xw - xb for xw, xb in zip(x, x_bar)])
+        for w, new in zip(state.weights, self._server_step(state, x, [xw - xb for xw, xb in zip(x, x_bar)])):
+            w.assign(new)
         state.round += 1
         self._assign(state.weights)
         metrics["clients"] = len(sampled)
@@ -388,11 +424,12 @@ class FederatedTrainer:
             for c in mine:
                 starts[c] = [w + cfg.beta * (g - gb) for w, g, gb in zip(x, grads[c], g_bar)]
         # V = n-weighted mean over participants of ‖g_i − ḡ‖² (what FedGA acts on)
-        local_v = sum(n[c] * sum(float(np.sum((g - gb) ** 2)) for g, gb in zip(grads[c], g_bar))
-                      for c in mine)
-        total_v = distributed.allreduce_list([tf.constant(local_v, tf.float64)], op="sum")[0]
-        metrics["grad_variance"] = float(total_v.numpy()) / sum(n.values())
-        g_bar_sq = sum(float(np.sum(gb.astype(np.float64) ** 2)) for gb in g_bar)
+        sq = lambda ts: tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float64))) for t in ts])  # noqa: E731
+        local_v = tf.add_n([tf.constant(0.0, tf.float64)] + [
+            n[c] * sq([g - gb for g, gb in zip(grads[c], g_bar)]) for c in mine])
+        total_v = distributed.allreduce_list([local_v], op="sum")[0]
+        metrics["grad_variance"] = float(total_v) / sum(n.values())
+        g_bar_sq = float(sq(g_bar))
         metrics["grad_variance_ratio"] = metrics["grad_variance"] / g_bar_sq if g_bar_sq else 0.0
         return starts, metrics
 
@@ -404,14 +441,16 @@ class FederatedTrainer:
         for c in mine:
             correction = None
             if cfg.algorithm == "scaffold":
-                ci = state.c_clients.get(c) or [np.zeros_like(w) for w in x]
+                ci = [v[c] for v in state.c_stacked]
                 correction = [cc - ci_ for cc, ci_ in zip(state.c, ci)]
             models[c] = self._local_train(c, starts[c], x, state.round, correction)
             if cfg.algorithm == "scaffold":
                 new_ci = [ci_ - cc + (xw - yw) / (cfg.local_steps * cfg.local_lr)
                           for ci_, cc, xw, yw in zip(ci, state.c, x, models[c])]
                 c_delta[c] = [a - b for a, b in zip(new_ci, ci)]
-                state.c_clients[c] = new_ci
+                for v, row in zip(state.c_stacked, new_ci):
+                    v[c].assign(row)
+                state.c_started.add(c)
         return models, c_delta
 
     def _aggregate(self, state, x, sampled, n, models, c_delta):
@@ -422,7 +461,8 @@ class FederatedTrainer:
         ones = {c: 1.0 for c in sampled}
         x_bar = self._weighted_mean(models, ones, like=x)
         dc = self._weighted_mean(c_delta, ones, like=x)
-        state.c = [cc + len(sampled) / len(self.clients) * d for cc, d in zip(state.c, dc)]
+        for cc, d in zip(state.c, dc):
+            cc.assign_add(len(sampled) / len(self.clients) * d)
         return x_bar
 
     def _server_step(self, state: FederatedState, x, delta):
@@ -430,23 +470,23 @@ class FederatedTrainer:
         cfg = self.config
         if cfg.server_optimizer == "adam":
             b1, b2 = cfg.server_beta1, cfg.server_beta2
-            state.server_velocity = [b1 * m + (1 - b1) * d for m, d in zip(state.server_velocity, delta)]
-            state.server_second_moment = [b2 * v + (1 - b2) * d * d
-                                          for v, d in zip(state.server_second_moment, delta)]
-            delta = [m / (np.sqrt(v) + cfg.server_epsilon)
+            for m, v, d in zip(state.server_velocity, state.server_second_moment, delta):
+                m.assign(b1 * m + (1 - b1) * d)
+                v.assign(b2 * v + (1 - b2) * d * d)
+            delta = [m / (tf.sqrt(v) + cfg.server_epsilon)
                      for m, v in zip(state.server_velocity, state.server_second_moment)]
         elif cfg.server_momentum:
-            state.server_velocity = [cfg.server_momentum * v + d for v, d in zip(state.server_velocity, delta)]
+            for v, d in zip(state.server_velocity, delta):
+                v.assign(cfg.server_momentum * v + d)
             delta = state.server_velocity
-        return [(xw - cfg.server_lr * d).astype(xw.dtype) for xw, d in zip(x, delta)]
+        return [xw - cfg.server_lr * d for xw, d in zip(x, delta)]
 
     def _weighted_mean(self, values: dict, weights: dict, like):
-        """Σ_i w_i v_i / Σ_i w_i over all workers' entries (one allreduce of sums);
-        a worker with no entry sends zeros."""
-        total = [np.zeros_like(w, dtype=np.float64) for w in like]
+        """Σ_i w_i v_i / Σ_i w_i over all workers' entries (one allreduce of sums, in
+        float64); a worker with no entry sends zeros."""
+        total = [tf.zeros(w.shape, tf.float64) for w in like]
         for c, v in values.items():
-            for i, t in enumerate(v):
-                total[i] += weights[c] * t
-        reduced = distributed.allreduce_list([tf.constant(t) for t in total], op="sum")
+            total = [t + weights[c] * tf.cast(u, tf.float64) for t, u in zip(total, v)]
+        reduced = distributed.allreduce_list(total, op="sum")
         denom = sum(weights.values())
-        return [(r.numpy() / denom).astype(w.dtype) for r, w in zip(reduced, like)]
+        return [tf.cast(r / denom, w.dtype) for r, w in zip(reduced, like)]
