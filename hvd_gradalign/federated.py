@@ -282,7 +282,7 @@ class FederatedTrainer:
         self.variables = list(model.trainable_variables)
         # The data lives on the device once; a client's steps gather their batches there.
         self._x, self._y = tf.constant(x), tf.constant(y)
-        self._grad = tf.function(self._grad_impl, reduce_retracing=True)
+        self._grads = tf.function(self._grads_impl, reduce_retracing=True)
         self._train = tf.function(self._local_train_impl, reduce_retracing=True)
 
     def initial_state(self) -> FederatedState:
@@ -313,12 +313,13 @@ class FederatedTrainer:
             state.c_started, state._restored_c = set(state._restored_c), {}
         return state
 
-    # -- one client --------------------------------------------------------------
-    # Weights are passed explicitly (stateless_call), so a client's K local steps are one
-    # compiled loop: the host sends the start and the batch indices and gets the model
-    # back, instead of a weight assignment and a gradient fetch per step. Non-trainable
-    # state (BatchNorm statistics, dropout seeds) is carried through and written back, as
-    # the model's own calls would.
+    # -- clients, in-graph ------------------------------------------------------------
+    # Weights are passed explicitly (stateless_call), so the participants that share a
+    # batch shape are trained by one compiled call: a loop over those clients around a
+    # loop over their K local steps. The host sends the starts and the batch indices and
+    # gets the models back (stacked, a row per client), instead of a weight assignment and
+    # a gradient fetch per step. Non-trainable state (BatchNorm statistics, dropout seeds)
+    # is carried from client to client and written back, as the model's own calls would.
     def _loss_and_grad(self, trainable, non_trainable, xb, yb):
         with tf.GradientTape() as tape:
             tape.watch(trainable)
@@ -326,42 +327,55 @@ class FederatedTrainer:
             loss = self.loss_fn(yb, logits)
         return loss, tape.gradient(loss, trainable), non_trainable
 
-    def _grad_impl(self, weights, idx):
-        non_trainable = [v.value for v in self.model.non_trainable_variables]
-        _, grads, non_trainable = self._loss_and_grad(
-            weights, non_trainable, tf.gather(self._x, idx), tf.gather(self._y, idx))
-        self._write_back(non_trainable)
-        return grads
+    def _per_client(self, like, clients, body):
+        """Stacked outputs (a row per client, shaped as ``like``) of ``body(i, non_trainable)
+        -> (values, non_trainable)`` for i < clients, in one in-graph loop."""
+        def step(i, rows, non_trainable):
+            values, non_trainable = body(i, non_trainable)
+            return i + 1, [ta.write(i, v) for ta, v in zip(rows, values)], non_trainable
 
-    def _local_train_impl(self, start, x_global, correction, batches):
+        rows = [tf.TensorArray(w.dtype, size=clients, element_shape=w.shape) for w in like]
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        _, rows, non_trainable = tf.while_loop(lambda i, *_: i < clients, step,
+                                               (tf.constant(0), rows, non_trainable))
+        self._write_back(non_trainable)
+        return [ta.stack() for ta in rows]
+
+    def _grads_impl(self, weights, idx):
+        def body(i, non_trainable):
+            _, g, non_trainable = self._loss_and_grad(
+                weights, non_trainable, tf.gather(self._x, idx[i]), tf.gather(self._y, idx[i]))
+            return g, non_trainable
+
+        return self._per_client(weights, tf.shape(idx)[0], body)
+
+    def _local_train_impl(self, starts, x_global, corrections, batches):
         cfg = self.config
 
-        def step(k, y, non_trainable):
-            idx = batches[k]
-            _, g, non_trainable = self._loss_and_grad(y, non_trainable, tf.gather(self._x, idx),
-                                                      tf.gather(self._y, idx))
-            new = []
-            for i in range(len(y)):
-                update = g[i] + cfg.weight_decay * y[i]
-                if cfg.algorithm == "fedprox":
-                    update = update + cfg.mu * (y[i] - x_global[i])
-                if correction is not None:
-                    update = update + correction[i]
-                new.append(y[i] - cfg.local_lr * update)
-            return k + 1, new, non_trainable
+        def client(i, non_trainable):
+            def step(k, y, non_trainable):
+                idx = batches[i, k]
+                _, g, non_trainable = self._loss_and_grad(y, non_trainable, tf.gather(self._x, idx),
+                                                          tf.gather(self._y, idx))
+                new = []
+                for j in range(len(y)):
+                    update = g[j] + cfg.weight_decay * y[j]
+                    if cfg.algorithm == "fedprox":
+                        update = update + cfg.mu * (y[j] - x_global[j])
+                    if corrections is not None:
+                        update = update + corrections[j][i]
+                    new.append(y[j] - cfg.local_lr * update)
+                return k + 1, new, non_trainable
 
-        non_trainable = [v.value for v in self.model.non_trainable_variables]
-        _, y, non_trainable = tf.while_loop(lambda k, *_: k < tf.shape(batches)[0], step,
-                                            (tf.constant(0), list(start), non_trainable))
-        self._write_back(non_trainable)
-        return y
+            _, y, non_trainable = tf.while_loop(lambda k, *_: k < tf.shape(batches)[1], step,
+                                                (tf.constant(0), [s[i] for s in starts], non_trainable))
+            return y, non_trainable
+
+        return self._per_client(x_global, tf.shape(batches)[0], client)
 
     def _write_back(self, non_trainable):
         for v, value in zip(self.model.non_trainable_variables, non_trainable):
             v.assign(value)
-
-    def _gradient_at(self, weights, idx):
-        return self._grad(list(weights), tf.constant(idx))
 
     def _assign(self, weights):
         for v, w in zip(self.variables, weights):
@@ -379,9 +393,14 @@ class FederatedTrainer:
                 start = 0
             yield order[start:start + b]
 
-    def _local_train(self, client, start, x_global, round_index, correction=None):
-        batches = np.stack(list(self._batches(client, round_index)))
-        return self._train(list(start), list(x_global), correction, tf.constant(batches))
+    @staticmethod
+    def _by_shape(arrays: dict) -> list[list]:
+        """The clients grouped by the shape of their index arrays, in first-seen order:
+        one compiled call per group (clients smaller than a local batch have fewer rows)."""
+        groups = {}
+        for c, a in arrays.items():
+            groups.setdefault(a.shape, []).append(c)
+        return list(groups.values())
 
     # -- a round -------------------------------------------------------------------
     # Everything below is TensorFlow ops on the state's variables and the clients' models
@@ -415,10 +434,11 @@ class FederatedTrainer:
         starts, metrics = {c: x for c in mine}, {}
         if cfg.algorithm != "fedga" and not log_variance:
             return starts, metrics
+        idx = {c: self.clients[c][:cfg.grad_samples] if cfg.grad_samples else self.clients[c] for c in mine}
         grads = {}
-        for c in mine:
-            idx = self.clients[c][:cfg.grad_samples] if cfg.grad_samples else self.clients[c]
-            grads[c] = self._gradient_at(x, idx)
+        for group in self._by_shape(idx):
+            stacked = self._grads(list(x), tf.constant(np.stack([idx[c] for c in group])))
+            grads.update({c: [g[i] for g in stacked] for i, c in enumerate(group)})
         g_bar = self._weighted_mean(grads, n, like=x)
         if cfg.algorithm == "fedga":
             for c in mine:
@@ -437,20 +457,25 @@ class FederatedTrainer:
         """Each participant's model after its K local steps; SCAFFOLD: its c_i updated in
         ``state`` and the changes returned."""
         cfg = self.config
+        batches = {c: np.stack(list(self._batches(c, state.round))) for c in mine}
         models, c_delta = {}, {}
-        for c in mine:
-            correction = None
+        for group in self._by_shape(batches):
+            rows = tf.constant(group)
+            stacked_starts = [tf.stack([starts[c][j] for c in group]) for j in range(len(x))]
+            corrections = None
             if cfg.algorithm == "scaffold":
-                ci = [v[c] for v in state.c_stacked]
-                correction = [cc - ci_ for cc, ci_ in zip(state.c, ci)]
-            models[c] = self._local_train(c, starts[c], x, state.round, correction)
+                ci = [tf.gather(v, rows) for v in state.c_stacked]
+                corrections = [cc[None] - ci_ for cc, ci_ in zip(state.c, ci)]
+            y = self._train(stacked_starts, list(x), corrections,
+                            tf.constant(np.stack([batches[c] for c in group])))
+            models.update({c: [w[i] for w in y] for i, c in enumerate(group)})
             if cfg.algorithm == "scaffold":
-                new_ci = [ci_ - cc + (xw - yw) / (cfg.local_steps * cfg.local_lr)
-                          for ci_, cc, xw, yw in zip(ci, state.c, x, models[c])]
-                c_delta[c] = [a - b for a, b in zip(new_ci, ci)]
-                for v, row in zip(state.c_stacked, new_ci):
-                    v[c].assign(row)
-                state.c_started.add(c)
+                delta = [(xw[None] - yw) / (cfg.local_steps * cfg.local_lr) - cc[None]
+                         for xw, yw, cc in zip(x, y, state.c)]  # new c_i − c_i
+                for v, ci_, d in zip(state.c_stacked, ci, delta):
+                    v.scatter_nd_update(rows[:, None], ci_ + d)
+                c_delta.update({c: [d[i] for d in delta] for i, c in enumerate(group)})
+                state.c_started.update(group)
         return models, c_delta
 
     def _aggregate(self, state, x, sampled, n, models, c_delta):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sweeps import state
 from sweeps.local import LocalLauncher
+from sweeps.selection import AT, TAIL
 from sweeps.slurm import SlurmLauncher
 from sweeps.spec import load
 from train.config import ConfigError, budget
@@ -138,9 +139,10 @@ def main(argv=None) -> int:
     rep.add_argument("runs_dir")
     rep.add_argument("--out", help="where to write (default: RUNS_DIR)")
     rep.add_argument("--spec", help="the sweep's spec: the report then says how much of it is done")
-    rep.add_argument("--at", choices=("final", "best_val"), default="final",
-                     help="which epoch of each run counts: the last, or the evaluated epoch "
-                          "with the best validation accuracy")
+    rep.add_argument("--at", choices=AT, default="final",
+                     help="which epoch of each run counts: the last, the evaluated epoch "
+                          f"with the best validation accuracy, or the mean of the last {TAIL} "
+                          "evaluations (for noisy curves that have flattened)")
     args = p.parse_args(argv)
     try:
         return {"run": cmd_run, "status": cmd_status, "report": cmd_report}[args.command](args)

@@ -1,5 +1,5 @@
 """The report of a federated sweep: algorithm × client split, test accuracy at the
-final (or best-validation) evaluated round, the setting (lr, β, μ) chosen on
+final (best-validation, or averaged over the last) evaluated round(s), the setting (lr, β, μ) chosen on
 validation accuracy over the seeds all settings share, and, per split, test accuracy
 against communication rounds beside the clients' gradient variance V at x (what FedGA
 acts on) against rounds."""
@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
-from sweeps.selection import best_setting, mean_std, pick_epoch
+from sweeps.selection import best_setting, mean_std, pick_epoch, reading
 from sweeps.state import point_state, read_json
 from train.config import is_federated
 
@@ -83,8 +83,7 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines += _against_fedavg(chosen, splits, algorithms)
     walls = [r["wall_time"] for r in rows if r["status"] == "done" and r["wall_time"]]
-    epoch = "final" if at == "final" else "best-validation"
-    lines += ["", f"Cells: test accuracy (%) at the {epoch} evaluated round, mean ± std over seeds; "
+    lines += ["", f"Cells: test accuracy (%) {reading(at, 'evaluated round')}, mean ± std over seeds; "
               "the setting is chosen on validation accuracy."]
     if walls:
         per_algorithm = ", ".join(
@@ -96,7 +95,7 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     not_done = [r for r in rows if r["status"] != "done"]
     if not_done:
         lines.append(f"Not in the table: {len(not_done)} run(s) not finished; see results.csv.")
-    lines += _every_setting(groups, chosen)
+    lines += _every_setting(groups, chosen, at)
     table = header + "\n".join(lines) + "\n"
     write_text_atomic(out / "table.md", table)
     files = _plots(chosen, curves, splits, out)
@@ -113,11 +112,12 @@ def _pct(value):
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def _every_setting(groups, chosen):
+def _every_setting(groups, chosen, at):
     """Each setting tried, as the choice saw it: validation accuracy over the seeds all of
-    its cell's settings share, test accuracy over its own seeds, the best rounds."""
+    its cell's settings share, test accuracy over its own seeds, the rounds read."""
+    read = {"best_val": "best round", "final": "round", "last_mean": "last round"}[at]
     lines = ["", "Every setting (chosen in bold; validation over the seeds the cell's settings share):", "",
-             "| split | algorithm | setting | validation (%) | test (%) | seeds | best round |",
+             f"| split | algorithm | setting | validation (%) | test (%) | seeds | {read} |",
              "|---|---|---|---:|---:|---:|---|"]
     for (split, algorithm), settings in sorted(groups.items()):
         common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))

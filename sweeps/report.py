@@ -1,8 +1,9 @@
 """Collect a sweep's points into results.csv, a Markdown table and plots.
 
-Which epoch of a run counts: ``at="final"`` (the last epoch) or ``at="best_val"``
+Which epoch of a run counts: ``at="final"`` (the last epoch), ``at="best_val"``
 (the evaluated epoch with the highest validation accuracy, i.e. early stopping
-on validation). Test numbers are always read at that epoch, never chosen on.
+on validation) or ``at="last_mean"`` (the metrics averaged over the last
+evaluations). Test numbers are always read there, never chosen on.
 
 Selection: for every (global batch, optimizer) the table shows the setting
 (learning rate, β, warmup, ...: every grid value except the seed) with the best
@@ -22,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
-from sweeps.selection import AT, best_setting, mean_std, pick_epoch
+from sweeps.selection import AT, best_setting, mean_std, pick_epoch, reading
 from sweeps.state import point_state, read_json
 from train.config import budget, is_federated
 
@@ -163,10 +164,9 @@ def markdown_table(rows, chosen, at="final") -> str:
                          f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, n={len(seeds)})")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     failed = [r for r in rows if r["status"] != "done"]
-    epoch = "final" if at == "final" else "best-validation"
     notes = [
         "",
-        f"Cells: test accuracy (%) at the {epoch} epoch, mean ± std over seeds; gap = train − test "
+        f"Cells: test accuracy (%) {reading(at, 'epoch')}, mean ± std over seeds; gap = train − test "
         "accuracy (percentage points); the setting shown is the one selected by "
         + " / ".join(criteria) + ".",
     ]

@@ -7,15 +7,31 @@ from __future__ import annotations
 import math
 import statistics
 
-AT = ("final", "best_val")
+AT = ("final", "best_val", "last_mean")
+TAIL = 10  # evaluations that at="last_mean" averages
+
+
+def reading(at, unit):
+    """How a report's cells were read, e.g. "at the best-validation epoch"."""
+    if at == "last_mean":
+        return f"averaged over the last {TAIL} evaluations"
+    return f"at the {'final' if at == 'final' else 'best-validation'} {unit}"
 
 
 def pick_epoch(history, at):
-    """The row that counts: the last evaluated one, or (``best_val``) the evaluated row
-    with the best validation accuracy."""
+    """The row that counts: the last evaluated one, (``best_val``) the evaluated row
+    with the best validation accuracy, or (``last_mean``) the last one with each
+    accuracy, loss and V averaged over the last TAIL evaluations (a reading that a
+    noisy curve's lucky spike does not decide, for curves that have flattened)."""
     evaluated = [r for r in history if r.get("test_accuracy") is not None]
     if not evaluated:
         return history[-1] if history else {}
+    if at == "last_mean":
+        tail = evaluated[-TAIL:]
+        averaged = {k: statistics.fmean(r[k] for r in tail) for k in tail[-1]
+                    if k.endswith(("_accuracy", "_loss")) or k == "grad_variance"
+                    if all(isinstance(r.get(k), (int, float)) for r in tail)}
+        return {**tail[-1], **averaged}
     if at == "best_val" and any(r.get("val_accuracy") is not None for r in evaluated):
         return max((r for r in evaluated if r.get("val_accuracy") is not None),
                    key=lambda r: r["val_accuracy"])

@@ -11,6 +11,9 @@ CLIENTS, PER_ROUND, ROUNDS, N = 6, 4, 2, 90  # clients of unequal size (label sh
 SCENARIOS = {
     "fedavg": dict(algorithm="fedavg", local_steps=3, local_batch=4, local_lr=0.2),
     "fedga": dict(algorithm="fedga", local_steps=3, local_batch=4, local_lr=0.2, beta=0.5),
+    # g_i on each client's first 6 samples: participants of equal size share one compiled call
+    "fedga_grad_samples": dict(algorithm="fedga", local_steps=3, local_batch=4, local_lr=0.2, beta=0.5,
+                               grad_samples=6),
     "fedga_beta0": dict(algorithm="fedga", local_steps=3, local_batch=4, local_lr=0.2, beta=0.0),
     "scaffold": dict(algorithm="scaffold", local_steps=3, local_batch=4, local_lr=0.2),
     "fedprox": dict(algorithm="fedprox", local_steps=3, local_batch=4, local_lr=0.2, mu=0.5),

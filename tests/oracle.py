@@ -113,7 +113,8 @@ def federated_rounds(grad_fn, params, x, y, clients, sampled_per_round, cfg, rou
         n = {k: float(len(clients[k])) for k in sampled}
         starts = {k: params for k in sampled}
         if cfg["algorithm"] == "fedga":
-            g = {k: grad_fn(params, x[clients[k]], y[clients[k]])[1] for k in sampled}
+            at = {k: clients[k][:cfg["grad_samples"]] if cfg.get("grad_samples") else clients[k] for k in sampled}
+            g = {k: grad_fn(params, x[at[k]], y[at[k]])[1] for k in sampled}
             g_bar = [sum(n[k] * g[k][i] for k in sampled) / sum(n.values()) for i in range(len(params))]
             starts = {k: [p + cfg["beta"] * (gk - gb) for p, gk, gb in zip(params, g[k], g_bar)]
                       for k in sampled}

@@ -309,6 +309,30 @@ def test_report_selects_on_validation_not_test(tmp_path):
     assert "70.00 ± 0.00" in result["table"] and "lr=0.1" in result["table"]
 
 
+def test_last_mean_reads_the_average_of_the_last_evaluations_not_a_spike(tmp_path):
+    """A noisy curve: a validation spike at epoch 3, then 12 evaluations around a plateau.
+    best_val reads the spike; last_mean reads the mean of the last 10 evaluations (rows
+    without a test evaluation take no part), and the table says how it was read."""
+    from sweeps.selection import TAIL, pick_epoch
+
+    spike = {"epoch": 3, "val_accuracy": 0.99, "test_accuracy": 0.50, "loss": 1.0}
+    plateau = [{"epoch": 4 + i, "val_accuracy": 0.80 + 0.01 * (i % 2), "test_accuracy": 0.70 + 0.01 * i,
+                "loss": 0.5} for i in range(12)]
+    history = [spike] + plateau + [{"epoch": 16, "loss": 0.4}]
+    assert pick_epoch(history, "best_val") == spike
+    tail = plateau[-TAIL:]
+    read = pick_epoch(history, "last_mean")
+    assert read["epoch"] == 15 and read["test_accuracy"] == pytest.approx(sum(r["test_accuracy"] for r in tail) / TAIL)
+    assert read["val_accuracy"] == pytest.approx(0.805)
+    runs = tmp_path / "runs"
+    fake_run(runs / "p0")
+    (runs / "p0" / "metrics.json").write_text(json.dumps([{**r, "accuracy": 0.9, "grad_variance": 1.0}
+                                                         for r in history[:-1]]))
+    table = report(runs, at="last_mean")["table"]
+    assert f"{100 * read['test_accuracy']:.2f} ± 0.00" in table
+    assert f"averaged over the last {TAIL} evaluations" in table
+
+
 def test_report_chooses_on_the_first_subset_and_applies_it_to_the_second(tmp_path):
     """On subset B the lr that validates best is 0.2; the report must still show the lr
     chosen on subset A (0.1): subset B plays no part in any choice."""
