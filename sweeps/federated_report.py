@@ -53,7 +53,8 @@ def collect(run_dirs, at="final"):
             "accuracy": [(r["communications"], r["test_accuracy"]) for r in history
                          if r.get("test_accuracy") is not None],
             "variance": [(r["round"], r["grad_variance"]) for r in history
-                         if r.get("grad_variance") is not None]}
+                         if r.get("grad_variance") is not None],
+            "history": history}
     return rows, curves
 
 
@@ -82,6 +83,7 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
             cells.append(f"{100 * m:.2f} ± {100 * s:.2f} ({what}, n={len(seeds)})" if m is not None else "–")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines += _against_fedavg(chosen, splits, algorithms)
+    lines += _at_equal_communications(chosen, curves, splits, algorithms, at)
     walls = [r["wall_time"] for r in rows if r["status"] == "done" and r["wall_time"]]
     lines += ["", f"Cells: test accuracy (%) {reading(at, 'evaluated round')}, mean ± std over seeds; "
               "the setting is chosen on validation accuracy."]
@@ -157,6 +159,44 @@ def _against_fedavg(chosen, splits, algorithms):
             cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f} (n={len(diffs)})")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines.append("Differences: test accuracy points, paired by seed (mean ± std over seeds).")
+    return lines
+
+
+def _at_equal_communications(chosen, curves, splits, algorithms, at):
+    """FedGA talks twice a round: the chosen settings read again over the first C
+    communications, C the fewest any of the split's runs had, so that every algorithm
+    is compared on the same communication budget (FedAvg − paired by seed)."""
+    def comms(run):
+        return max((r.get("communications") or 0 for r in curves[run["id"]]["history"]), default=0)
+
+    per_round = {max((r.get("communications") or 0) / r["round"] for r in curves[run["id"]]["history"]
+                     if r.get("round")) for seeds in (v[1] for v in chosen.values()) for run in seeds}
+    if len(per_round) < 2:
+        return []
+    lines = ["", "At equal communications (each run read over its first C communications, C the "
+             "fewest any run of the split had; the setting as chosen above):", "",
+             "| split | C | " + " | ".join(algorithms) + " | " +
+             " | ".join(f"{a} − fedavg" for a in algorithms if a != "fedavg") + " |",
+             "|---|---:|" + "---|" * len(algorithms) + "---:|" * (len(algorithms) - 1)]
+    for split in splits:
+        keys = [(split, a) for a in algorithms if (split, a) in chosen]
+        budget = min(comms(run) for key in keys for run in chosen[key][1])
+        tests = {a: {run["seed"]: pick_epoch([r for r in curves[run["id"]]["history"]
+                                              if (r.get("communications") or 0) <= budget], at
+                                             ).get("test_accuracy")
+                     for run in chosen[(split, a)][1]} for _, a in keys}
+        cells = []
+        for a in algorithms:
+            m, sd = mean_std(list(tests.get(a, {}).values()))
+            cells.append("–" if m is None else f"{100 * m:.2f} ± {100 * sd:.2f} (n={len(tests[a])})")
+        for a in algorithms:
+            if a == "fedavg":
+                continue
+            base, mine = tests.get("fedavg", {}), tests.get(a, {})
+            m, sd = mean_std([100 * (mine[k] - base[k]) for k in sorted(set(base) & set(mine))
+                              if mine[k] is not None and base[k] is not None])
+            cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f}")
+        lines.append(f"| {split} | {budget} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -417,6 +417,27 @@ def test_differences_against_fedavg_are_paired_by_seed():
     assert "| iid | +3.00 ± 1.41 (n=2) | – |" in lines
 
 
+def test_equal_communications_reads_fedga_over_half_its_rounds():
+    """FedGA's round costs 2 communications: over FedAvg's 4 rounds (4 communications)
+    FedGA is read over its first 2 rounds, at its best validation there, paired by seed."""
+    from sweeps.federated_report import _at_equal_communications
+
+    def history(per_round, tests, vals):
+        return [{"round": r + 1, "communications": per_round * (r + 1), "test_accuracy": t, "val_accuracy": v}
+                for r, (t, v) in enumerate(zip(tests, vals))]
+
+    curves = {"a0": {"history": history(1, [0.5, 0.6, 0.7, 0.8], [0.5, 0.6, 0.7, 0.8])},
+              "g0": {"history": history(2, [0.55, 0.65, 0.9, 0.95], [0.6, 0.5, 0.9, 0.99])}}
+    chosen = {("iid", "fedavg"): ((0.1,), [{"id": "a0", "seed": 0}]),
+              ("iid", "fedga"): ((0.1,), [{"id": "g0", "seed": 0}])}
+    lines = _at_equal_communications(chosen, curves, ["iid"], ["fedavg", "fedga"], "best_val")
+    assert "| iid | 4 | 80.00 ± 0.00 (n=1) | 55.00 ± 0.00 (n=1) | -25.00 ± 0.00 |" in lines
+    final = _at_equal_communications(chosen, curves, ["iid"], ["fedavg", "fedga"], "final")
+    assert "| iid | 4 | 80.00 ± 0.00 (n=1) | 65.00 ± 0.00 (n=1) | -15.00 ± 0.00 |" in final
+    assert _at_equal_communications({("iid", "fedavg"): chosen[("iid", "fedavg")]}, curves, ["iid"],
+                                    ["fedavg"], "final") == []  # one cost per round: nothing to add
+
+
 def test_federated_checkpoints_are_verified_and_readable_by_the_group(tmp_path, hvd):
     """Like the training checkpoints: a manifest with every worker's state file, the
     umask's permissions (not mkstemp's 0600), and a damaged latest checkpoint skipped
