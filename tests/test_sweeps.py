@@ -287,13 +287,13 @@ def test_local_sweep_runs_resumes_and_reports(tmp_path):
         assert (runs / "tiny" / name).stat().st_size > 1000
 
 
-def fake_run(d, *, lr=0.1, val=0.8, test=0.8, optimizer="sgd", beta=0.0, batch=64, data=None):
+def fake_run(d, *, lr=0.1, val=0.8, test=0.8, optimizer="sgd", beta=0.0, batch=64, data=None, seed=0):
     """A finished run folder as `python -m train` leaves it, with one evaluated epoch."""
     d.mkdir(parents=True)
     config = {"data": {"dataset": "x", **(data or {})}, "model": {"model": "mlp"},
               "optim": {"optimizer": optimizer, "inner": "sgd", "micro_batches": 4 if beta else 1, "lr": lr,
                         "lr_scaling": "none", "warmup_epochs": 0.0, "beta": beta},
-              "train": {"batch_size": batch, "seed": 0, "epochs": 1}}
+              "train": {"batch_size": batch, "seed": seed, "epochs": 1}}
     (d / "config.json").write_text(json.dumps(config))
     (d / "summary.json").write_text(json.dumps({"status": "finished"}))
     (d / "metrics.json").write_text(json.dumps([{"epoch": 1, "accuracy": 0.9, "loss": 0.3, "val_accuracy": val,
@@ -331,6 +331,19 @@ def test_last_mean_reads_the_average_of_the_last_evaluations_not_a_spike(tmp_pat
     table = report(runs, at="last_mean")["table"]
     assert f"{100 * read['test_accuracy']:.2f} ± 0.00" in table
     assert f"averaged over the last {TAIL} evaluations" in table
+
+
+def test_recovery_table_gives_the_difference_its_standard_error_and_the_gap_recovered(tmp_path):
+    """SGD@64 91 %, SGD@256 82 ± 2.83 %, GradAlign@256 87 ± 1.41 % (2 seeds each): the
+    difference +5.00 with SE √(1.41²/2 + 2.83²/2) = 2.24, and 5 of the 9 points lost: 56 %."""
+    runs = tmp_path / "runs"
+    points = [("sgd", 64, [0.90, 0.92]), ("sgd", 256, [0.80, 0.84]), ("gradalign", 256, [0.86, 0.88])]
+    for optimizer, batch, tests in points:
+        for seed, test in enumerate(tests):
+            fake_run(runs / f"{optimizer}{batch}s{seed}", optimizer=optimizer, batch=batch, test=test, seed=seed,
+                     beta=0.1 if optimizer == "gradalign" else 0.0)
+    table = report(runs)["table"]
+    assert "| 256 | 82.00 ± 2.83 (n=2) | 87.00 ± 1.41 (n=2) | +5.00 ± 2.24 | 56 % |" in table
 
 
 def test_report_chooses_on_the_first_subset_and_applies_it_to_the_second(tmp_path):
