@@ -85,13 +85,21 @@ def save(root, model: keras.Model, epoch: int, step: int = 0, keep: int = 2, **s
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    publish(root, name, keep, pattern="ckpt-*")
+    return final
+
+
+def publish(root, name: str, keep: int, pattern: str) -> None:
+    """Name the complete checkpoint ``root/name`` in LATEST, then drop all but the
+    newest ``keep`` checkpoints matching ``pattern`` and any half-written leftovers
+    (for distributed and federated runs alike: one layout of a checkpoint folder)."""
+    root = Path(root)
     write_text_atomic(root / "LATEST", name)
-    complete = sorted(p for p in root.glob("ckpt-*") if p.is_dir())
+    complete = sorted(p for p in root.glob(pattern) if p.is_dir())
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".ckpt-*"):
+    for leftover in root.glob("." + pattern):
         shutil.rmtree(leftover, ignore_errors=True)
-    return final
 
 
 def write_manifest(folder, files) -> None:

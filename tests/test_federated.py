@@ -467,3 +467,7 @@ def test_federated_checkpoints_are_verified_and_readable_by_the_group(tmp_path, 
     state, _ = _load(tmp_path, 0, 1, warn=warnings.append)
     assert state.round == 1 and np.array_equal(state.weights[0], np.full(3, 1.0))
     assert "round-000002: state-rank0.npz does not match its checksum" in warnings[0]
+    _save(tmp_path, FederatedState([np.full(3, 3.0)], round=3), 0, [{"round": 3}], wall=3.0)
+    # the same publishing as the training checkpoints: LATEST, and the two newest kept
+    assert (tmp_path / "checkpoints" / "LATEST").read_text() == "round-000003"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("round-*")) == ["round-000002", "round-000003"]

@@ -57,11 +57,7 @@ def _save(run_dir: Path, state, rank: int, history: list, wall: float) -> None:
         # Verified on resume like the training checkpoints: every worker's state file.
         checkpoint.write_manifest(folder, ["meta.json"] + [f"state-rank{r}.npz"
                                                            for r in range(distributed.size())])
-        checkpoint.write_text_atomic(root / "LATEST", name)
-        for old in sorted(p for p in root.glob("round-*") if p.is_dir())[:-2]:
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
+        checkpoint.publish(root, name, keep=2, pattern="round-*")
     distributed.barrier()
 
 
