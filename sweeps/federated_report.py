@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
-from sweeps.selection import best_setting, mean_std, pick_epoch, reading
+from sweeps.selection import TAIL, best_setting, mean_std, pick_epoch, reading
 from sweeps.state import point_state, read_json
 from train.config import is_federated
 
@@ -217,11 +217,16 @@ def _plots(chosen, curves, splits, out):
         for (s, algorithm), (_, seeds) in sorted(chosen.items()):
             if s != split:
                 continue
-            acc.plot(*seed_mean(seeds, "accuracy", 100), marker=".", label=f"{algorithm} (n={len(seeds)})")
+            xs, ys = seed_mean(seeds, "accuracy", 100)
+            line, = acc.plot(xs, ys, marker=".", alpha=0.3)
+            # a noisy curve's trend: the mean over the last TAIL evaluations at each point
+            trend = [statistics.fmean(ys[max(0, i + 1 - TAIL):i + 1]) for i in range(len(ys))]
+            acc.plot(xs, trend, color=line.get_color(),
+                     label=f"{algorithm} (n={len(seeds)})")
             var.plot(*seed_mean(seeds, "variance", 1), marker=".", label=algorithm)
         acc.set_xlabel("communication rounds (FedGA: 2 per round)")
         acc.set_ylabel("test accuracy (%)")
-        acc.set_title(f"split: {split}")
+        acc.set_title(f"split: {split} (lines: mean of the last {TAIL} evaluations)")
         var.set_xlabel("round")
         var.set_ylabel("V at x: mean ‖g_i − ḡ‖² over the participants")
         var.set_yscale("log")
