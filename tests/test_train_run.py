@@ -188,8 +188,10 @@ def test_a_signal_to_horovodrun_during_the_first_step_is_recorded_in_its_grace(t
     run_dir = tmp_path / "early2"
     cmd = [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m", "train",
            "--run-dir", str(run_dir), "--verbose", "0", *SMALL, "--epochs", "1", "--model", "cnn2"]
+    # horovodrun's own exit code after it forwarded a signal depends on timing (a loaded
+    # machine gave 0 once, though the workers exited 75); what the run owns is its record
     rc, out = signal_while_tracing(cmd, "steps/epoch")
-    assert rc != 0 and "before the first step" in out, out[-3000:]
+    assert "before the first step" in out, (rc, out[-3000:])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["workers"] == 2
 
