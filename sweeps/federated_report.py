@@ -14,6 +14,7 @@ from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps.selection import TAIL, best_setting, mean_std, pick_epoch, reading
 from sweeps.state import point_state, read_json
 from train.config import is_federated
+from train.federated_run import COMMUNICATIONS_PER_ROUND
 
 COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
            "round", "train_loss", "val_accuracy", "test_accuracy", "grad_variance", "wall_time"]
@@ -145,7 +146,7 @@ def _against_fedavg(chosen, splits, algorithms):
              "|---|" + "---:|" * len(others)]
 
     def by_seed(key):
-        return {r["seed"]: r["test_accuracy"] for r in chosen[key][1] if r["test_accuracy"] is not None}
+        return {r["seed"]: r["test_accuracy"] for r in chosen[key][1]}
 
     for split in splits:
         cells = []
@@ -153,13 +154,18 @@ def _against_fedavg(chosen, splits, algorithms):
             if (split, "fedavg") not in chosen or (split, a) not in chosen:
                 cells.append("–")
                 continue
-            base, mine = by_seed((split, "fedavg")), by_seed((split, a))
-            diffs = [100 * (mine[s] - base[s]) for s in sorted(set(base) & set(mine))]
+            diffs = _paired_differences(by_seed((split, "fedavg")), by_seed((split, a)))
             m, sd = mean_std(diffs)
             cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f} (n={len(diffs)})")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines.append("Differences: test accuracy points, paired by seed (mean ± std over seeds).")
     return lines
+
+
+def _paired_differences(base: dict, mine: dict) -> list:
+    """``mine`` − ``base`` in points for every seed where both have a test accuracy."""
+    return [100 * (mine[k] - base[k]) for k in sorted(set(base) & set(mine))
+            if mine[k] is not None and base[k] is not None]
 
 
 def _at_equal_communications(chosen, curves, splits, algorithms, at):
@@ -169,9 +175,7 @@ def _at_equal_communications(chosen, curves, splits, algorithms, at):
     def comms(run):
         return max((r.get("communications") or 0 for r in curves[run["id"]]["history"]), default=0)
 
-    per_round = {max((r.get("communications") or 0) / r["round"] for r in curves[run["id"]]["history"]
-                     if r.get("round")) for seeds in (v[1] for v in chosen.values()) for run in seeds}
-    if len(per_round) < 2:
+    if len({COMMUNICATIONS_PER_ROUND[a] for a in algorithms}) < 2:
         return []
     lines = ["", "At equal communications (each run read over its first C communications, C the "
              "fewest any run of the split had; the setting as chosen above):", "",
@@ -192,9 +196,7 @@ def _at_equal_communications(chosen, curves, splits, algorithms, at):
         for a in algorithms:
             if a == "fedavg":
                 continue
-            base, mine = tests.get("fedavg", {}), tests.get(a, {})
-            m, sd = mean_std([100 * (mine[k] - base[k]) for k in sorted(set(base) & set(mine))
-                              if mine[k] is not None and base[k] is not None])
+            m, sd = mean_std(_paired_differences(tests.get("fedavg", {}), tests.get(a, {})))
             cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f}")
         lines.append(f"| {split} | {budget} | " + " | ".join(cells) + " |")
     return lines

@@ -188,10 +188,10 @@ def recovery_table(chosen) -> str:
     lines = [f"| global batch | SGD | GradAlign | GradAlign − SGD (± SE) | gap to SGD@{small} recovered |",
              "|---:|---|---|---:|---:|"]
     for b in sorted(set(sgd) | set(ga)):
-        s_m, s_s = mean_std([r["test_accuracy"] for r in sgd.get(b, [])])
-        g_m, g_s = mean_std([r["test_accuracy"] for r in ga.get(b, [])])
+        s_m, s_s, s_n = _test_stats(sgd.get(b, []))
+        g_m, g_s, g_n = _test_stats(ga.get(b, []))
         cell = lambda m, s, n: f"{100 * m:.2f} ± {100 * s:.2f} (n={n})" if m is not None else "–"
-        diff = _difference(sgd.get(b, []), ga.get(b, []))
+        diff = _difference((s_m, s_s, s_n), (g_m, g_s, g_n))
         lost = (ref - s_m) if s_m is not None else None
         if g_m is None or lost is None or b == small:
             recovered = "–"
@@ -204,14 +204,19 @@ def recovery_table(chosen) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _test_stats(runs):
+    """(mean, std, n) of the runs' test accuracies, n counting the values mean_std uses."""
+    values = [r["test_accuracy"] for r in runs]
+    return (*mean_std(values), sum(v is not None and math.isfinite(v) for v in values))
+
+
 def _difference(sgd, ga) -> str:
-    """GradAlign's mean minus SGD's, in points, with the standard error of that difference
-    (independent runs: √(s²_GA/n_GA + s²_SGD/n_SGD)) once both have 2 seeds or more."""
-    (s_m, s_s), (g_m, g_s) = (mean_std([r["test_accuracy"] for r in runs]) for runs in (sgd, ga))
+    """GradAlign's mean minus SGD's (each a ``_test_stats``), in points, with the standard
+    error of that difference (independent runs: √(s²_GA/n_GA + s²_SGD/n_SGD)) once both
+    have 2 seeds or more."""
+    (s_m, s_s, n_s), (g_m, g_s, n_g) = sgd, ga
     if s_m is None or g_m is None:
         return "–"
-    n_s = len([r for r in sgd if r["test_accuracy"] is not None])
-    n_g = len([r for r in ga if r["test_accuracy"] is not None])
     if min(n_s, n_g) < 2:
         return f"{100 * (g_m - s_m):+.2f}"
     return f"{100 * (g_m - s_m):+.2f} ± {100 * math.sqrt(g_s ** 2 / n_g + s_s ** 2 / n_s):.2f}"
