@@ -9,12 +9,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from sweeps import state
+from sweeps import extend, state
 from sweeps.local import LocalLauncher
 from sweeps.selection import AT, TAIL
 from sweeps.slurm import SlurmLauncher
 from sweeps.spec import load
-from train.config import ConfigError, budget
+from train.config import ConfigError, budget, is_federated
 
 TODO = (state.PENDING, state.FAILED, state.INTERRUPTED)
 
@@ -60,10 +60,14 @@ def cmd_run(args) -> int:
     if args.dry_run:
         for p in todo:
             what = " ".join(f"{k}={v}" for k, v in p.params.items())
-            print(f"  would run {p.id} [{states[p.id]}] {what} -> {p.run_dir}")
+            how = ", ".join(filter(None, (states[p.id], _continues(sweep, p, states))))
+            print(f"  would run {p.id} [{how}] {what} -> {p.run_dir}")
         return 0
     if not todo:
         return 0
+    for p in todo:
+        if states[p.id] == state.PENDING and (found := extend.continue_from_predecessor(p, sweep.runs_dir)):
+            print(f"  {p.id} continues {found[0].name} after its {found[1]} {_unit(p)} (a copy; that run stays)")
     try:
         handle = launcher.submit(sweep, todo)
     except KeyboardInterrupt:
@@ -85,12 +89,24 @@ def cmd_run(args) -> int:
     return 1 if bad else 0
 
 
+def _unit(point):
+    return "rounds" if is_federated(point.config) else "epochs"
+
+
+def _continues(sweep, point, states):
+    """'continues ID after N epochs' for a pending point that will start from a copy of
+    a shorter finished run (sweeps/extend.py), else ''."""
+    found = extend.predecessor(point, sweep.runs_dir) if states[point.id] == state.PENDING else None
+    return f"continues {found[0].name} after {found[1]} {_unit(point)}" if found else ""
+
+
 def cmd_status(args) -> int:
     sweep = load(args.spec, args.runs_root)
     states = _states(sweep, _active())
     for p in sweep.points:
         what = " ".join(f"{k}={v}" for k, v in p.params.items())
-        print(f"{states[p.id]:12s} {p.id} {what}")
+        continues = _continues(sweep, p, states)
+        print(f"{states[p.id]:12s} {p.id} {what}" + (f" ({continues})" if continues else ""))
     counts = Counter(states.values())
     print(", ".join(f"{counts[s]} {s}" for s in (state.DONE, state.RUNNING, state.FAILED,
                                                   state.INTERRUPTED, state.PENDING)))

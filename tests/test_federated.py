@@ -270,6 +270,29 @@ def test_entry_point_sigterm_resume_equals_uninterrupted(tmp_path):
     _close(a, b, atol=1e-6)
 
 
+def test_entry_point_more_rounds_continue_a_finished_run_as_a_straight_one(tmp_path):
+    """A finished 3-round run asked for 5 continues from its checkpoint and ends where a
+    straight 5-round run ends (the draws are per (seed, round, client) and no schedule
+    depends on the total); round 3's forced V measurement changes nothing."""
+    import json
+
+    args = ["--algorithm", "fedga", "--variance-every", "2"]
+    assert _train(tmp_path / "straight", *args, "--rounds", "5").returncode == 0
+    run_dir = tmp_path / "raised"
+    assert _train(run_dir, *args, "--rounds", "3").returncode == 0
+    more = _train(run_dir, *args, "--rounds", "5")
+    assert more.returncode == 0 and "resuming" in more.stdout and "at round 3" in more.stdout, more.stderr[-3000:]
+    a, _ = _final_weights(tmp_path / "straight")
+    b, meta = _final_weights(run_dir)
+    assert meta["round"] == 5
+    _close(a, b, atol=1e-6)
+    assert [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())] == [1, 2, 3, 4, 5]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_done"] == 5
+    other = _train(run_dir, *args, "--rounds", "6", "--local-steps", "3")
+    assert other.returncode == 2 and "changed: federated.local_steps" in other.stderr, other.stderr[-3000:]
+
+
 def test_entry_point_signal_during_the_first_round_ends_the_run_at_once(tmp_path):
     """The same fault, the same behaviour as a distributed run: nothing was trained, so
     the run exits at once with a summary (tracing the first round can outlast the 5 s

@@ -287,6 +287,71 @@ def test_local_sweep_runs_resumes_and_reports(tmp_path):
         assert (runs / "tiny" / name).stat().st_size > 1000
 
 
+def test_predecessor_is_the_longest_finished_shorter_run_of_the_same_settings(tmp_path):
+    import copy
+
+    from sweeps.extend import predecessor
+
+    runs = tmp_path / "runs"
+    point = sweep_spec.load(write_spec(tmp_path, batches="[256]", optimizers='["sgd"]'), runs).points[0]
+    point.config["train"]["epochs"] = 10
+
+    def finished(name, epochs, *, done=None, workers=2, status="finished", checkpoint=True, **optim):
+        d = runs / "tiny" / name
+        (d / "checkpoints").mkdir(parents=True)
+        config = copy.deepcopy(point.config)
+        config["train"].update(epochs=epochs, run_dir=str(d))
+        config["optim"].update(optim)
+        (d / "config.json").write_text(json.dumps(config))
+        (d / "summary.json").write_text(json.dumps({"status": status, "workers": workers,
+                                                    "epochs_done": epochs if done is None else done}))
+        if checkpoint:
+            (d / "checkpoints" / "LATEST").write_text("ckpt-1")
+
+    finished("four", 4)
+    finished("six", 6)
+    finished("other_lr", 8, lr=0.1)
+    finished("longer", 12)
+    finished("one_worker", 9, workers=1)
+    finished("cut_short", 9, done=7, status="interrupted")
+    finished("no_checkpoint", 8, checkpoint=False)
+    assert predecessor(point, runs / "tiny") == (runs / "tiny" / "six", 6)
+    # Under cosine decay the longer run is not the shorter one continued.
+    point.config["optim"]["decay"] = "cosine"
+    finished("cosine", 5, decay="cosine")
+    assert predecessor(point, runs / "tiny") is None
+
+
+def test_a_raised_budget_continues_the_shorter_finished_run(tmp_path):
+    """Raising a point's epochs makes it a new point; it starts from a copy of the finished
+    shorter run, ends where a straight run ends, and leaves the shorter run as it was."""
+    path = write_spec(tmp_path, batches="[256]", optimizers='["sgd"]')
+    text = path.read_text().replace("workers = 2", "workers = 1")
+    path.write_text(text)
+    runs = tmp_path / "runs"
+    assert sweeps_cli("run", path, "--runs-root", runs).returncode == 0
+    short = sweep_spec.load(path, runs).points[0]
+    path.write_text(text.replace("epochs = 1\n", "epochs = 2\n"))
+    longer = sweep_spec.load(path, runs).points[0]
+    assert longer.id != short.id
+    assert f"(continues {short.id} after 1 epochs)" in sweeps_cli("status", path, "--runs-root", runs).stdout
+    run = sweeps_cli("run", path, "--runs-root", runs)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert f"{longer.id} continues {short.id} after its 1 epochs" in run.stdout
+    assert "resuming" in (longer.run_dir / "train.log").read_text()
+    rows = json.loads((longer.run_dir / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0] == json.loads((short.run_dir / "metrics.json").read_text())[0]
+    assert json.loads((short.run_dir / "summary.json").read_text())["epochs_done"] == 1
+    assert json.loads((longer.run_dir / "config.json").read_text())["train"]["run_dir"] == str(longer.run_dir)
+    assert state.point_state(longer.run_dir, wanted=2) == state.DONE
+    assert "0 to run" in sweeps_cli("run", path, "--runs-root", runs).stdout
+    assert sweeps_cli("run", path, "--runs-root", tmp_path / "straight").returncode == 0
+    straight = json.loads((tmp_path / "straight" / "tiny" / longer.id / "metrics.json").read_text())
+    for key in ("loss", "test_accuracy", "val_accuracy"):
+        assert rows[1][key] == pytest.approx(straight[1][key], rel=1e-5), key
+
+
 def fake_run(d, *, lr=0.1, val=0.8, test=0.8, optimizer="sgd", beta=0.0, batch=64, data=None, seed=0):
     """A finished run folder as `python -m train` leaves it, with one evaluated epoch."""
     d.mkdir(parents=True)

@@ -53,6 +53,11 @@ def uses_beta(config: dict) -> bool:
     return config["optim"]["optimizer"] == "gradalign"
 
 
+# What a run is asked to do for how long: continuing a run to a larger budget is the
+# same run (see resume_conflict).
+BUDGET_KEYS = (("train", "epochs"), ("federated", "rounds"))
+
+
 def budget(config: dict) -> int:
     """The epochs (federated: rounds) a config asks for."""
     return config["federated"]["rounds"] if is_federated(config) else config["train"]["epochs"]
@@ -87,19 +92,22 @@ def read_toml(path, what="TOML file") -> dict:
 
 def resume_conflict(previous: dict, config: dict) -> str | None:
     """Why a run dir holding ``previous`` cannot be continued with ``config``, or None.
-    Asking for more (or fewer) epochs is allowed unless the learning-rate schedule
-    depends on the total, as cosine decay does."""
+    Asking for more (or fewer) epochs or rounds is allowed unless the learning-rate
+    schedule depends on the total, as cosine decay does (rounds have no schedule)."""
     old, new = run_identity(previous), run_identity(config)
     if old == new:
         return None
-    old_epochs, new_epochs = old["train"].pop("epochs"), new["train"].pop("epochs")
+    for section, key in BUDGET_KEYS:
+        old.get(section, {}).pop(key, None)
+        new.get(section, {}).pop(key, None)
     if old != new:
         changed = sorted(f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k])
         return f"a different configuration (changed: {', '.join(changed) or 'sections'})"
-    if config["optim"]["decay"] == "cosine":
-        return (f"train.epochs {old_epochs} -> {new_epochs}: its cosine learning-rate decay is "
-                f"spread over {old_epochs} epochs, so continuing would not be the run that "
-                f"{new_epochs} epochs would have been")
+    if not is_federated(config) and config["optim"]["decay"] == "cosine":
+        before, after = budget(previous), budget(config)
+        return (f"train.epochs {before} -> {after}: its cosine learning-rate decay is "
+                f"spread over {before} epochs, so continuing would not be the run that "
+                f"{after} epochs would have been")
     return None
 
 

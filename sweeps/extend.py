@@ -1,0 +1,72 @@
+"""A point whose budget was raised continues the run it extends.
+
+Raising a point's epochs (rounds) in a spec makes it a new point (the budget is part of
+its identity), but with a constant learning rate the longer run is the shorter one
+continued: data order and client draws are seeded per epoch (round), and a resumed run
+equals an uninterrupted one (tested). So a new point whose sweep folder holds a
+finished run of the same configuration with a smaller budget starts from a copy of that
+run (checkpoints, metrics, logs) instead of from scratch. The shorter run is left as it
+was: a spec may still ask for it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from hvd_gradalign.checkpoint import write_text_atomic
+from sweeps import state
+from sweeps.local import claim
+from train.config import budget, resume_conflict
+
+NOT_COPIED = ("launcher.json", "launcher.lock", "point.toml")
+
+
+def predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
+    """The finished run in ``runs_dir`` that ``point`` continues, and its epochs (rounds):
+    the same configuration and workers, a smaller budget, a checkpoint to start from, and
+    a schedule that does not depend on the total (resume_conflict); the longest such run."""
+    wanted, best = budget(point.config), None
+    for config_path in Path(runs_dir).glob("*/config.json"):
+        run_dir = config_path.parent
+        previous = state.read_json(config_path)
+        summary = state.read_json(run_dir / "summary.json") or {}
+        if run_dir == point.run_dir or not previous or summary.get("workers") != point.workers:
+            continue
+        previous["train"]["run_dir"] = point.config["train"]["run_dir"]
+        done = summary.get("epochs_done", 0)
+        if (resume_conflict(previous, point.config) is None and done < wanted
+                and state.point_state(run_dir, wanted=budget(previous)) == state.DONE
+                and (run_dir / "checkpoints" / "LATEST").exists()
+                and (best is None or done > best[1])):
+            best = (run_dir, done)
+    return best
+
+
+def continue_from_predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
+    """Seed a pending point's run dir with a copy of its predecessor's run, if it has one
+    (what was copied, or None). Done under the point's lock, so two launchers cannot both
+    seed it; the copy is made aside and moved in with the checkpoints last, so that an
+    interruption leaves either a pending point or one that resumes."""
+    found = predecessor(point, runs_dir)
+    if found is None:
+        return None
+    source, _ = found
+    with claim(point.run_dir) as mine:
+        if not mine or state.point_state(point.run_dir) != state.PENDING \
+                or (point.run_dir / "config.json").exists():
+            return None
+        staging = point.run_dir.parent / f".{point.id}.copying"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(*NOT_COPIED))
+        config = state.read_json(staging / "config.json")
+        config["train"]["run_dir"] = str(point.run_dir)
+        write_text_atomic(staging / "config.json", json.dumps(config, indent=1))
+        for entry in sorted(staging.iterdir(), key=lambda e: e.name == "checkpoints"):
+            target = point.run_dir / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            entry.replace(target)
+        staging.rmdir()
+    return found
