@@ -65,7 +65,7 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     groups = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["status"] == "done":
-            groups[(r["split"], r["algorithm"])][tuple(r[k] for k in SETTING_KEYS)].append(r)
+            groups[(_cell(r, rows), r["algorithm"])][tuple(r[k] for k in SETTING_KEYS)].append(r)
     chosen = {key: (best, settings[best]) for key, settings in groups.items()
               for best in [best_setting(settings, "val_accuracy", max)]}
     stats = {key: mean_std([r["test_accuracy"] for r in seeds]) for key, (_, seeds) in chosen.items()}
@@ -104,6 +104,14 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     files = _plots(chosen, curves, splits, out)
     print(table)
     return {"rows": rows, "chosen": chosen, "table": table, "plots": files}
+
+
+def _cell(row, rows):
+    """The table row a run belongs to: its split, and its horizon where it ran longer than
+    the sweep's shortest (a run continued to more rounds is another reading of the same
+    setting and seed, not another seed of it)."""
+    shortest = min(r["rounds"] for r in rows)
+    return row["split"] if row["rounds"] == shortest else f"{row['split']}, {row['rounds']} rounds"
 
 
 def _setting_label(setting):

@@ -440,6 +440,33 @@ def test_differences_against_fedavg_are_paired_by_seed():
     assert "| iid | +3.00 ± 1.41 (n=2) | – |" in lines
 
 
+def test_a_longer_horizon_is_its_own_cell_not_another_seed(tmp_path):
+    """The same setting and seed at 300 and (continued) at 1,000 rounds: two readings, each
+    with n = 1, the longer one labelled with its horizon."""
+    from sweeps.federated_report import report
+
+    def run(name, algorithm, rounds, test):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        config = {"federated": {"algorithm": algorithm, "split": "shards", "shards_per_client": 2,
+                                "rounds": rounds, "mu": 0.0},
+                  "optim": {"lr": 0.1, "beta": 0.05}, "train": {"seed": 0}}
+        history = [{"round": r, "communications": r, "test_accuracy": test * r / rounds,
+                    "val_accuracy": test * r / rounds} for r in range(10, rounds + 1, 10)]
+        (d / "config.json").write_text(json.dumps(config))
+        (d / "metrics.json").write_text(json.dumps(history))
+        (d / "summary.json").write_text(json.dumps({"status": "finished", "rounds_done": rounds,
+                                                    "epochs_done": rounds}))
+
+    run("avg300", "fedavg", 300, 0.80)
+    run("avg1000", "fedavg", 1000, 0.85)
+    run("prox300", "fedprox", 300, 0.81)
+    result = report(sorted((tmp_path / "runs").iterdir()), tmp_path, at="final")
+    assert "| shards×2 | 80.00 ± 0.00 (lr=0.1, n=1) | 81.00 ± 0.00 (lr=0.1, n=1) |" in result["table"]
+    assert "| shards×2, 1000 rounds | 85.00 ± 0.00 (lr=0.1, n=1) | – |" in result["table"]
+    assert (tmp_path / "test_accuracy_vs_rounds_shards_2__1000_rounds.png").stat().st_size > 1000
+
+
 def test_equal_communications_reads_fedga_over_half_its_rounds():
     """FedGA's round costs 2 communications: over FedAvg's 4 rounds (4 communications)
     FedGA is read over its first 2 rounds, at its best validation there, paired by seed."""
