@@ -21,6 +21,7 @@ from sweeps.local import claim
 from train.config import budget, resume_conflict
 
 NOT_COPIED = ("launcher.json", "launcher.lock", "point.toml")
+CONTINUED_FROM = state.CONTINUED_FROM
 
 
 def predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
@@ -28,9 +29,8 @@ def predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
     the same configuration and workers, a smaller budget, a checkpoint to start from, and
     a schedule that does not depend on the total (resume_conflict); the longest such run."""
     wanted, best = budget(point.config), None
-    for config_path in Path(runs_dir).glob("*/config.json"):
-        run_dir = config_path.parent
-        previous = state.read_json(config_path)
+    for run_dir in state.run_dirs(runs_dir):
+        previous = state.read_json(run_dir / "config.json")
         summary = state.read_json(run_dir / "summary.json") or {}
         if run_dir == point.run_dir or not previous or summary.get("workers") != point.workers:
             continue
@@ -63,6 +63,9 @@ def continue_from_predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
         config = state.read_json(staging / "config.json")
         config["train"]["run_dir"] = str(point.run_dir)
         write_text_atomic(staging / "config.json", json.dumps(config, indent=1))
+        history = state.read_json(staging / "metrics.json") or [{}]
+        write_text_atomic(staging / CONTINUED_FROM, json.dumps(
+            {"run": source.name, "epochs_done": found[1], "wall_time": history[-1].get("wall_time", 0.0)}))
         for entry in sorted(staging.iterdir(), key=lambda e: e.name == "checkpoints"):
             target = point.run_dir / entry.name
             if target.is_dir():

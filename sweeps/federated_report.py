@@ -12,12 +12,13 @@ from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps.selection import TAIL, best_setting, mean_std, pick_epoch, reading
-from sweeps.state import point_state, read_json
+from sweeps.state import point_state, provenance, read_json
 from train.config import is_federated
 from train.federated_run import COMMUNICATIONS_PER_ROUND
 
 COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
-           "round", "train_loss", "val_accuracy", "test_accuracy", "grad_variance", "wall_time"]
+           "round", "train_loss", "val_accuracy", "test_accuracy", "grad_variance", "wall_time",
+           "continued_from", "own_wall_time"]
 SETTING_KEYS = ("lr", "beta", "mu")
 
 
@@ -49,6 +50,7 @@ def collect(run_dirs, at="final"):
             "val_accuracy": row.get("val_accuracy"), "test_accuracy": row.get("test_accuracy"),
             "grad_variance": row.get("grad_variance"),
             "wall_time": history[-1].get("wall_time") if history else None,
+            **provenance(run_dir, history[-1].get("wall_time") if history else None),
         })
         curves[run_dir.name] = {
             "accuracy": [(r["communications"], r["test_accuracy"]) for r in history
@@ -85,16 +87,21 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines += _against_fedavg(chosen, splits, algorithms)
     lines += _at_equal_communications(chosen, curves, splits, algorithms, at)
-    walls = [r["wall_time"] for r in rows if r["status"] == "done" and r["wall_time"]]
+    timed = [r for r in rows if r["status"] == "done" and r["wall_time"]]
+    walls = [r["wall_time"] for r in timed]
+    own = sum(r["own_wall_time"] for r in timed)
     lines += ["", f"Cells: test accuracy (%) {reading(at, 'evaluated round')}, mean ± std over seeds; "
               "the setting is chosen on validation accuracy."]
     if walls:
-        per_algorithm = ", ".join(
-            f"{a} {statistics.median(w):.0f} s" for a in sorted({r["algorithm"] for r in rows})
-            for w in [[r["wall_time"] for r in rows if r["algorithm"] == a and r["status"] == "done"
-                       and r["wall_time"]]] if w)
+        per = defaultdict(list)
+        for r in timed:
+            per[(r["algorithm"], r["rounds"])].append(r["wall_time"])
+        horizons = len({rounds for _, rounds in per}) > 1
+        per_algorithm = ", ".join(f"{a}{f' at {n} rounds' if horizons else ''} {statistics.median(w):.0f} s"
+                                  for (a, n), w in sorted(per.items()))
         lines.append(f"Wall time per run (median): {per_algorithm}; total "
-                     f"{sum(walls) / 3600:.2f} h over {len(walls)} runs.")
+                     f"{own / 3600:.2f} h over {len(walls)} runs"
+                     + (" (a continued run counts only its own part)" if own < sum(walls) else "") + ".")
     not_done = [r for r in rows if r["status"] != "done"]
     if not_done:
         lines.append(f"Not in the table: {len(not_done)} run(s) not finished; see results.csv.")

@@ -24,14 +24,15 @@ from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps.selection import AT, best_setting, mean_std, pick_epoch, reading
-from sweeps.state import point_state, read_json
+from sweeps.state import point_state, provenance, read_json, run_dirs
 from train.config import budget, is_federated
 
 COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size", "workers",
            "micro_batches", "micro_batch_size", "lr", "lr_scaling", "warmup_epochs", "beta", "seed",
            "epochs", "epochs_done", "epoch", "train_accuracy", "train_loss", "val_accuracy",
            "test_accuracy", "test_loss", "grad_variance", "grad_variance_ratio", "images_per_sec",
-           "wall_time", "train_samples", "subset_seed", "warmup_from", "train_accuracy_from"]
+           "wall_time", "train_samples", "subset_seed", "warmup_from", "train_accuracy_from",
+           "continued_from", "own_wall_time"]
 SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta")
 
 
@@ -64,8 +65,8 @@ def collect(runs_dir, at="final") -> list[dict]:
     if at not in AT:
         raise ValueError(f"at={at!r}: choose one of {AT}")
     rows = []
-    for run_dir in sorted(p for p in Path(runs_dir).iterdir()
-                          if (p / "config.json").exists() or (p / "point.toml").exists()):
+    for run_dir in [p for p in run_dirs(runs_dir)
+                    if (p / "config.json").exists() or (p / "point.toml").exists()]:
         # A point that failed before training wrote no config.json; its launcher's
         # point.toml still says what it was.
         planned = tomllib.loads((run_dir / "point.toml").read_text()) if (run_dir / "point.toml").exists() else None
@@ -92,6 +93,7 @@ def collect(runs_dir, at="final") -> list[dict]:
             "images_per_sec": statistics.median(ips) if ips else None,
             "wall_time": history[-1].get("wall_time") if history else None,
             "train_accuracy_from": "evaluation" if "train_eval_accuracy" in row else "running mean",
+            **provenance(run_dir, history[-1].get("wall_time") if history else None),
         })
         if summary.get("status") == "diverged":
             rows[-1]["status"] = "diverged"
@@ -324,9 +326,9 @@ def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     from sweeps import federated_report
 
-    run_dirs = sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists())
-    if run_dirs and all(is_federated(read_json(p / "config.json")) for p in run_dirs):
-        return federated_report.report(run_dirs, out, at, header=header)
+    started = [p for p in run_dirs(runs_dir) if (p / "config.json").exists()]
+    if started and all(is_federated(read_json(p / "config.json")) for p in started):
+        return federated_report.report(started, out, at, header=header)
     rows = collect(runs_dir, at)
     if not rows and not pending:
         raise FileNotFoundError(f"no runs (folders with config.json or point.toml) in {runs_dir}")
@@ -351,12 +353,14 @@ def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
         if r["status"] == "done" and r["wall_time"]:
             per[(r["batch_size"], r["optimizer"])].append(r["wall_time"])
     walls = [w for v in per.values() for w in v]
+    own = sum(r["own_wall_time"] for r in rows if r["status"] == "done" and r["wall_time"])
     timing = ""
     if walls:
         timing = ("\nWall time per finished point (s, median): "
                   + "; ".join(f"batch {b} {o} {statistics.median(v):.0f}"
                               for (b, o), v in sorted(per.items()))
-                  + f". Total over {len(walls)} points: {sum(walls) / 3600:.2f} h.\n")
+                  + f". Total over {len(walls)} points: {own / 3600:.2f} h"
+                  + (" (a continued run counts only its own part)" if own < sum(walls) else "") + ".\n")
     text = header + table + ("\n" + recovery if recovery else "") + timing
     write_text_atomic(out / "table.md", text)
     files = plots(rows, chosen, out) if chosen else []

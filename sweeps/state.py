@@ -34,6 +34,27 @@ def record(run_dir, **fields) -> None:
     write_text_atomic(run_dir / "launcher.json", json.dumps(current, indent=1))
 
 
+# What a run continued from a copy of another (sweeps/extend.py) inherited: that run's
+# name, epochs (rounds) and wall time, so that totals count compute once.
+CONTINUED_FROM = "continued_from.json"
+
+
+def provenance(run_dir, wall_time) -> dict:
+    """``continued_from`` (the run it was copied from, or '') and ``own_wall_time`` (its
+    wall time less what it inherited), for results tables."""
+    copied = read_json(Path(run_dir) / CONTINUED_FROM) or {}
+    own = None if wall_time is None else wall_time - copied.get("wall_time", 0.0)
+    return {"continued_from": copied.get("run", ""), "own_wall_time": own}
+
+
+def run_dirs(runs_dir) -> list[Path]:
+    """A sweep folder's run folders; hidden ones are copies in the making (sweeps/extend.py)."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []  # nothing has run yet
+    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _alive(launcher: dict) -> bool:
     """Whether the local launcher process that claims a point still runs."""
     pid = launcher.get("pid")

@@ -452,7 +452,7 @@ def test_a_longer_horizon_is_its_own_cell_not_another_seed(tmp_path):
                                 "rounds": rounds, "mu": 0.0},
                   "optim": {"lr": 0.1, "beta": 0.05}, "train": {"seed": 0}}
         history = [{"round": r, "communications": r, "test_accuracy": test * r / rounds,
-                    "val_accuracy": test * r / rounds} for r in range(10, rounds + 1, 10)]
+                    "val_accuracy": test * r / rounds, "wall_time": float(r)} for r in range(10, rounds + 1, 10)]
         (d / "config.json").write_text(json.dumps(config))
         (d / "metrics.json").write_text(json.dumps(history))
         (d / "summary.json").write_text(json.dumps({"status": "finished", "rounds_done": rounds,
@@ -460,11 +460,18 @@ def test_a_longer_horizon_is_its_own_cell_not_another_seed(tmp_path):
 
     run("avg300", "fedavg", 300, 0.80)
     run("avg1000", "fedavg", 1000, 0.85)
+    (tmp_path / "runs" / "avg1000" / "continued_from.json").write_text(json.dumps(
+        {"run": "avg300", "epochs_done": 300, "wall_time": 300.0}))  # as sweeps/extend.py leaves it
     run("prox300", "fedprox", 300, 0.81)
     result = report(sorted((tmp_path / "runs").iterdir()), tmp_path, at="final")
     assert "| shards×2 | 80.00 ± 0.00 (lr=0.1, n=1) | 81.00 ± 0.00 (lr=0.1, n=1) |" in result["table"]
     assert "| shards×2, 1000 rounds | 85.00 ± 0.00 (lr=0.1, n=1) | – |" in result["table"]
     assert (tmp_path / "test_accuracy_vs_rounds_shards_2__1000_rounds.png").stat().st_size > 1000
+    # wall time per horizon; the total counts the copied 300 rounds once
+    assert ("fedavg at 300 rounds 300 s, fedavg at 1000 rounds 1000 s, fedprox at 300 rounds 300 s; "
+            "total 0.44 h over 3 runs (a continued run counts only its own part)") in result["table"]
+    continued = next(r for r in result["rows"] if r["id"] == "avg1000")
+    assert continued["continued_from"] == "avg300" and continued["own_wall_time"] == 700.0
 
 
 def test_equal_communications_reads_fedga_over_half_its_rounds():

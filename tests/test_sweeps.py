@@ -315,6 +315,7 @@ def test_predecessor_is_the_longest_finished_shorter_run_of_the_same_settings(tm
     finished("one_worker", 9, workers=1)
     finished("cut_short", 9, done=7, status="interrupted")
     finished("no_checkpoint", 8, checkpoint=False)
+    finished(".other.copying", 9)  # a copy in the making (hidden) is nobody's predecessor
     assert predecessor(point, runs / "tiny") == (runs / "tiny" / "six", 6)
     # Under cosine decay the longer run is not the shorter one continued.
     point.config["optim"]["decay"] = "cosine"
@@ -344,6 +345,12 @@ def test_a_raised_budget_continues_the_shorter_finished_run(tmp_path):
     assert rows[0] == json.loads((short.run_dir / "metrics.json").read_text())[0]
     assert json.loads((short.run_dir / "summary.json").read_text())["epochs_done"] == 1
     assert json.loads((longer.run_dir / "config.json").read_text())["train"]["run_dir"] == str(longer.run_dir)
+    copied = json.loads((longer.run_dir / "continued_from.json").read_text())
+    assert copied["run"] == short.id and copied["epochs_done"] == 1 and copied["wall_time"] == rows[0]["wall_time"]
+    result = report(runs / "tiny")
+    row = next(r for r in result["rows"] if r["id"] == longer.id)
+    assert row["continued_from"] == short.id
+    assert row["own_wall_time"] == pytest.approx(rows[1]["wall_time"] - rows[0]["wall_time"])
     assert state.point_state(longer.run_dir, wanted=2) == state.DONE
     assert "0 to run" in sweeps_cli("run", path, "--runs-root", runs).stdout
     assert sweeps_cli("run", path, "--runs-root", tmp_path / "straight").returncode == 0
