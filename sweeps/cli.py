@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from sweeps import extend, state
+from sweeps import estimate, extend, state
 from sweeps.local import LocalLauncher
 from sweeps.selection import AT, TAIL
 from sweeps.slurm import SlurmLauncher
@@ -110,6 +110,7 @@ def cmd_status(args) -> int:
     counts = Counter(states.values())
     print(", ".join(f"{counts[s]} {s}" for s in (state.DONE, state.RUNNING, state.FAILED,
                                                   state.INTERRUPTED, state.PENDING)))
+    print(estimate.describe(estimate.remaining(sweep, states)))
     return 0
 
 

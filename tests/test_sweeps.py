@@ -359,6 +359,46 @@ def test_a_raised_budget_continues_the_shorter_finished_run(tmp_path):
         assert rows[1][key] == pytest.approx(straight[1][key], rel=1e-5), key
 
 
+def test_status_estimates_the_remaining_time_from_the_sweeps_own_rates(tmp_path):
+    """Seconds per epoch measured per cost (optimizer, batch, ...), not per lr, β or seed;
+    a continued run's rate from its own part; interrupted points count what is left;
+    points with nothing comparable measured are named, not guessed."""
+    from sweeps.estimate import describe, remaining
+    from train.config import budget
+
+    path = write_spec(tmp_path)
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 4").replace("seed = [0]", "seed = [0, 1]"))
+    runs = tmp_path / "runs"
+    sweep = sweep_spec.load(path, runs)
+
+    def point(optimizer, batch, beta=0.0, seed=0):
+        return next(p for p in sweep.points if p.params["optimizer"] == optimizer and p.params["batch_size"] == batch
+                    and p.params["beta"] == beta and p.params["seed"] == seed)
+
+    def ran(p, epochs, wall, status):
+        p.run_dir.mkdir(parents=True)
+        (p.run_dir / "config.json").write_text(json.dumps(p.config))
+        (p.run_dir / "metrics.json").write_text(json.dumps(
+            [{"epoch": e, "wall_time": wall * e / epochs} for e in range(1, epochs + 1)]))
+        (p.run_dir / "summary.json").write_text(json.dumps({"status": status, "epochs_done": epochs, "workers": 2}))
+        (p.run_dir / "checkpoints").mkdir()
+        (p.run_dir / "checkpoints" / "LATEST").write_text("ckpt")
+
+    ran(point("sgd", 128), 4, 40.0, "finished")
+    # its last 2 epochs were its own, in 10 s: 5 s an epoch, not 10
+    (point("sgd", 128).run_dir / "continued_from.json").write_text(
+        json.dumps({"run": "x", "epochs_done": 2, "wall_time": 30.0}))
+    ran(point("gradalign", 128, 0.025), 1, 30.0, "interrupted")
+    states = {p.id: state.point_state(p.run_dir, wanted=budget(p.config)) for p in sweep.points}
+    left = remaining(sweep, states)
+    # sgd@128 seed 1: 4 x 5 s; gradalign@128 at 30 s an epoch: 3 epochs left + 3 points x 4
+    assert left.seconds == pytest.approx(4 * 5 + 30 * (3 + 3 * 4))
+    assert left.points == 11 and sorted(p.params["batch_size"] for p in left.unmeasured) == [256] * 6
+    assert "still to run: 11 points, about 0.1 h of one launcher plus 6 with no measured rate" in describe(left)
+    status = sweeps_cli("status", path, "--runs-root", runs)
+    assert "still to run: 11 points" in status.stdout, status.stdout + status.stderr
+
+
 def fake_run(d, *, lr=0.1, val=0.8, test=0.8, optimizer="sgd", beta=0.0, batch=64, data=None, seed=0):
     """A finished run folder as `python -m train` leaves it, with one evaluated epoch."""
     d.mkdir(parents=True)

@@ -1,0 +1,88 @@
+"""How long the rest of a sweep will take, from what its own runs measured.
+
+A run's cost per epoch (round) depends on what it computes per epoch, not on its lr, β,
+μ or seed: points that share the COST_KEYS share a rate, measured as the median of their
+runs' own wall time per own epoch (evaluations included; a continued run counts only
+what it ran itself). A point with no measured rate is named, not guessed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from sweeps import extend, state
+from train.config import budget, is_federated
+
+COST_KEYS = {
+    False: (("model", "model"), ("optim", "optimizer"), ("train", "batch_size"), ("data", "train_samples"),
+            ("optim", "micro_batch_size"), ("optim", "micro_batches"), ("train", "eval_every"),
+            ("train", "eval_train")),
+    True: (("model", "model"), ("federated", "algorithm"), ("federated", "clients_per_round"),
+           ("federated", "local_steps"), ("federated", "local_batch"), ("federated", "grad_samples"),
+           ("federated", "eval_rounds"), ("federated", "variance_every"), ("data", "train_samples")),
+}
+
+
+def cost_key(config: dict) -> tuple:
+    federated = is_federated(config)
+    return (federated,) + tuple(config.get(s, {}).get(k) for s, k in COST_KEYS[federated])
+
+
+def units_done(run_dir) -> int:
+    """The epochs (rounds) a run has recorded."""
+    history = state.read_json(run_dir / "metrics.json") or []
+    return max((r.get("round", r.get("epoch", 0)) for r in history), default=0)
+
+
+def measured_rates(runs_dir) -> dict:
+    """cost_key -> seconds per epoch (round), over the runs in ``runs_dir``."""
+    seconds = defaultdict(list)
+    for run_dir in state.run_dirs(runs_dir):
+        config = state.read_json(run_dir / "config.json")
+        history = state.read_json(run_dir / "metrics.json") or []
+        if not config or not history or history[-1].get("wall_time") is None:
+            continue
+        copied = state.read_json(run_dir / state.CONTINUED_FROM) or {}
+        own_units = units_done(run_dir) - copied.get("epochs_done", 0)
+        if own_units > 0:
+            seconds[cost_key(config)].append(
+                (history[-1]["wall_time"] - copied.get("wall_time", 0.0)) / own_units)
+    return {key: statistics.median(v) for key, v in seconds.items()}
+
+
+@dataclass
+class Remaining:
+    seconds: float = 0.0
+    points: int = 0
+    unmeasured: list = field(default_factory=list)   # points with no measured rate
+
+
+def remaining(sweep, states) -> Remaining:
+    """The launcher time the points that are not done still need."""
+    rates = measured_rates(sweep.runs_dir)
+    out = Remaining()
+    for p in sweep.points:
+        if states[p.id] == state.DONE:
+            continue
+        start = units_done(p.run_dir) if p.run_dir.exists() else 0
+        if states[p.id] == state.PENDING and (found := extend.predecessor(p, sweep.runs_dir)):
+            start = found[1]
+        rate = rates.get(cost_key(p.config))
+        out.points += 1
+        if rate is None:
+            out.unmeasured.append(p)
+        else:
+            out.seconds += rate * max(0, budget(p.config) - start)
+    return out
+
+
+def describe(r: Remaining) -> str:
+    if not r.points:
+        return "nothing left to run"
+    text = f"still to run: {r.points} points, about {r.seconds / 3600:.1f} h of one launcher"
+    if r.unmeasured:
+        text += (f" plus {len(r.unmeasured)} with no measured rate yet ("
+                 + ", ".join(p.id for p in r.unmeasured[:4]) + (", ..." if len(r.unmeasured) > 4 else "") + ")")
+    return text + " (rates: the sweep's own runs, per epoch or round)"
