@@ -47,8 +47,9 @@ def predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
 def continue_from_predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
     """Seed a pending point's run dir with a copy of its predecessor's run, if it has one
     (what was copied, or None). Done under the point's lock, so two launchers cannot both
-    seed it; the copy is made aside and moved in with the checkpoints last, so that an
-    interruption leaves either a pending point or one that resumes."""
+    seed it; the copy is made aside and moved in with the checkpoints and the summary last,
+    so that an interruption leaves a point that resumes or one that starts over, never one
+    that looks finished without its checkpoints."""
     found = predecessor(point, runs_dir)
     if found is None:
         return None
@@ -66,7 +67,8 @@ def continue_from_predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
         history = state.read_json(staging / "metrics.json") or [{}]
         write_text_atomic(staging / CONTINUED_FROM, json.dumps(
             {"run": source.name, "epochs_done": found[1], "wall_time": history[-1].get("wall_time", 0.0)}))
-        for entry in sorted(staging.iterdir(), key=lambda e: e.name == "checkpoints"):
+        last = {"checkpoints": 1, "summary.json": 2}  # until both are in, it resumes or starts over
+        for entry in sorted(staging.iterdir(), key=lambda e: last.get(e.name, 0)):
             target = point.run_dir / entry.name
             if target.is_dir():
                 shutil.rmtree(target)
