@@ -61,9 +61,11 @@ def continue_from_predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
         staging = point.run_dir.parent / f".{point.id}.copying"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(source, staging, ignore=shutil.ignore_patterns(*NOT_COPIED))
-        config = state.read_json(staging / "config.json")
-        config["train"]["run_dir"] = str(point.run_dir)
-        write_text_atomic(staging / "config.json", json.dumps(config, indent=1))
+        # The copy is this point's run, not yet at its budget: its own config (resume
+        # accepts it: only the budget differs), and a summary that does not say finished.
+        write_text_atomic(staging / "config.json", json.dumps(point.config, indent=1))
+        summary = state.read_json(staging / "summary.json") or {}
+        write_text_atomic(staging / "summary.json", json.dumps({**summary, "status": "interrupted"}, indent=1))
         history = state.read_json(staging / "metrics.json") or [{}]
         write_text_atomic(staging / CONTINUED_FROM, json.dumps(
             {"run": source.name, "epochs_done": found[1], "wall_time": history[-1].get("wall_time", 0.0)}))

@@ -13,7 +13,7 @@ from pathlib import Path
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps.selection import TAIL, best_setting, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json
-from train.config import is_federated
+from train.config import budget, is_federated
 from train.federated_run import COMMUNICATIONS_PER_ROUND
 
 COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
@@ -41,7 +41,7 @@ def collect(run_dirs, at="final"):
         f, o = config["federated"], config["optim"]
         row = pick_epoch(history, at)
         rows.append({
-            "id": run_dir.name, "status": point_state(run_dir), "algorithm": f["algorithm"],
+            "id": run_dir.name, "status": point_state(run_dir, wanted=budget(config)), "algorithm": f["algorithm"],
             "split": _split_name(f), "lr": o["lr"],
             "beta": o["beta"] if f["algorithm"] == "fedga" else 0.0,
             "mu": f["mu"] if f["algorithm"] == "fedprox" else 0.0, "seed": config["train"]["seed"],

@@ -317,6 +317,17 @@ def test_predecessor_is_the_longest_finished_shorter_run_of_the_same_settings(tm
     finished("no_checkpoint", 8, checkpoint=False)
     finished(".other.copying", 9)  # a copy in the making (hidden) is nobody's predecessor
     assert predecessor(point, runs / "tiny") == (runs / "tiny" / "six", 6)
+    # The copy is the point's own run, not finished: its config, its budget still ahead.
+    from sweeps.extend import continue_from_predecessor
+    from sweeps.report import collect
+
+    assert continue_from_predecessor(point, runs / "tiny") == (runs / "tiny" / "six", 6)
+    assert json.loads((point.run_dir / "config.json").read_text()) == point.config
+    assert state.point_state(point.run_dir) == state.INTERRUPTED
+    assert json.loads((runs / "tiny" / "six" / "summary.json").read_text())["status"] == "finished"
+    assert not (runs / "tiny" / f".{point.id}.copying").exists()
+    rows = {r["id"]: r for r in collect(runs / "tiny", "final")}
+    assert rows[point.run_dir.name]["status"] == "interrupted" and rows[point.run_dir.name]["continued_from"] == "six"
     # Under cosine decay the longer run is not the shorter one continued.
     point.config["optim"]["decay"] = "cosine"
     finished("cosine", 5, decay="cosine")
