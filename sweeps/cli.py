@@ -58,9 +58,10 @@ def cmd_run(args) -> int:
     print(f"sweep {sweep.name}: {len(points)} points{' selected' if args.where else ''}, {len(todo)} to run "
           f"({', '.join(f'{n} {s}' for s, n in sorted(Counter(states.values()).items()))})")
     if args.dry_run:
+        continued = extend.predecessors(sweep, states)
         for p in todo:
             what = " ".join(f"{k}={v}" for k, v in p.params.items())
-            how = ", ".join(filter(None, (states[p.id], _continues(sweep, p, states))))
+            how = ", ".join(filter(None, (states[p.id], _continues(p, continued))))
             print(f"  would run {p.id} [{how}] {what} -> {p.run_dir}")
         return 0
     if not todo:
@@ -93,24 +94,25 @@ def _unit(point):
     return "rounds" if is_federated(point.config) else "epochs"
 
 
-def _continues(sweep, point, states):
+def _continues(point, continued):
     """'continues ID after N epochs' for a pending point that will start from a copy of
-    a shorter finished run (sweeps/extend.py), else ''."""
-    found = extend.predecessor(point, sweep.runs_dir) if states[point.id] == state.PENDING else None
+    a shorter finished run (extend.predecessors), else ''."""
+    found = continued.get(point.id)
     return f"continues {found[0].name} after {found[1]} {_unit(point)}" if found else ""
 
 
 def cmd_status(args) -> int:
     sweep = load(args.spec, args.runs_root)
     states = _states(sweep, _active())
+    continued = extend.predecessors(sweep, states)
     for p in sweep.points:
         what = " ".join(f"{k}={v}" for k, v in p.params.items())
-        continues = _continues(sweep, p, states)
+        continues = _continues(p, continued)
         print(f"{states[p.id]:12s} {p.id} {what}" + (f" ({continues})" if continues else ""))
     counts = Counter(states.values())
     print(", ".join(f"{counts[s]} {s}" for s in (state.DONE, state.RUNNING, state.FAILED,
                                                   state.INTERRUPTED, state.PENDING)))
-    print(estimate.describe(estimate.remaining(sweep, states)))
+    print(estimate.describe(estimate.remaining(sweep, states, continued)))
     return 0
 
 

@@ -30,9 +30,10 @@ def cost_key(config: dict) -> tuple:
     return (federated,) + tuple(config.get(s, {}).get(k) for s, k in COST_KEYS[federated])
 
 
-def units_done(run_dir) -> int:
+def units_done(run_dir, history=None) -> int:
     """The epochs (rounds) a run has recorded."""
-    history = state.read_json(run_dir / "metrics.json") or []
+    if history is None:
+        history = state.read_json(run_dir / "metrics.json") or []
     return max((r.get("round", r.get("epoch", 0)) for r in history), default=0)
 
 
@@ -45,7 +46,7 @@ def measured_rates(runs_dir) -> dict:
         if not config or not history or history[-1].get("wall_time") is None:
             continue
         copied = state.read_json(run_dir / state.CONTINUED_FROM) or {}
-        own_units = units_done(run_dir) - copied.get("epochs_done", 0)
+        own_units = units_done(run_dir, history) - copied.get("epochs_done", 0)
         if own_units > 0:
             seconds[cost_key(config)].append(
                 (history[-1]["wall_time"] - copied.get("wall_time", 0.0)) / own_units)
@@ -59,16 +60,18 @@ class Remaining:
     unmeasured: list = field(default_factory=list)   # points with no measured rate
 
 
-def remaining(sweep, states) -> Remaining:
-    """The launcher time the points that are not done still need."""
+def remaining(sweep, states, continued=None) -> Remaining:
+    """The launcher time the points that are not done still need; ``continued`` is
+    extend.predecessors(sweep, states), if the caller has it already."""
+    continued = extend.predecessors(sweep, states) if continued is None else continued
     rates = measured_rates(sweep.runs_dir)
     out = Remaining()
     for p in sweep.points:
         if states[p.id] == state.DONE:
             continue
         start = units_done(p.run_dir) if p.run_dir.exists() else 0
-        if states[p.id] == state.PENDING and (found := extend.predecessor(p, sweep.runs_dir)):
-            start = found[1]
+        if p.id in continued:
+            start = continued[p.id][1]
         rate = rates.get(cost_key(p.config))
         out.points += 1
         if rate is None:

@@ -21,27 +21,46 @@ from sweeps.local import claim
 from train.config import budget, resume_conflict
 
 NOT_COPIED = ("launcher.json", "launcher.lock", "point.toml")
-CONTINUED_FROM = state.CONTINUED_FROM
+
+
+def _finished_runs(runs_dir: Path) -> list[tuple[Path, dict, dict]]:
+    """(run dir, config, summary) of the runs in ``runs_dir`` that can be continued:
+    finished at their own budget, with a checkpoint to start from."""
+    found = []
+    for run_dir in state.run_dirs(runs_dir):
+        config = state.read_json(run_dir / "config.json")
+        if (config and (run_dir / "checkpoints" / "LATEST").exists()
+                and state.point_state(run_dir, wanted=budget(config)) == state.DONE):
+            found.append((run_dir, config, state.read_json(run_dir / "summary.json") or {}))
+    return found
+
+
+def _longest_shorter(point, candidates) -> tuple[Path, int] | None:
+    wanted, best = budget(point.config), None
+    for run_dir, config, summary in candidates:
+        done = summary.get("epochs_done", 0)
+        if run_dir == point.run_dir or summary.get("workers") != point.workers or done >= wanted:
+            continue
+        # run_dir is the one key two runs of the same settings never share.
+        same_place = {**config, "train": {**config["train"], "run_dir": point.config["train"]["run_dir"]}}
+        if resume_conflict(same_place, point.config) is None and (best is None or done > best[1]):
+            best = (run_dir, done)
+    return best
 
 
 def predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
     """The finished run in ``runs_dir`` that ``point`` continues, and its epochs (rounds):
     the same configuration and workers, a smaller budget, a checkpoint to start from, and
     a schedule that does not depend on the total (resume_conflict); the longest such run."""
-    wanted, best = budget(point.config), None
-    for run_dir in state.run_dirs(runs_dir):
-        previous = state.read_json(run_dir / "config.json")
-        summary = state.read_json(run_dir / "summary.json") or {}
-        if run_dir == point.run_dir or not previous or summary.get("workers") != point.workers:
-            continue
-        previous["train"]["run_dir"] = point.config["train"]["run_dir"]
-        done = summary.get("epochs_done", 0)
-        if (resume_conflict(previous, point.config) is None and done < wanted
-                and state.point_state(run_dir, wanted=budget(previous)) == state.DONE
-                and (run_dir / "checkpoints" / "LATEST").exists()
-                and (best is None or done > best[1])):
-            best = (run_dir, done)
-    return best
+    return _longest_shorter(point, _finished_runs(runs_dir))
+
+
+def predecessors(sweep, states) -> dict:
+    """{point id: (run dir, epochs)} for the sweep's pending points that continue a run,
+    reading the sweep's runs once."""
+    candidates = _finished_runs(sweep.runs_dir)
+    return {p.id: found for p in sweep.points
+            if states[p.id] == state.PENDING and (found := _longest_shorter(p, candidates))}
 
 
 def continue_from_predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
@@ -67,7 +86,7 @@ def continue_from_predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
         summary = state.read_json(staging / "summary.json") or {}
         write_text_atomic(staging / "summary.json", json.dumps({**summary, "status": "interrupted"}, indent=1))
         history = state.read_json(staging / "metrics.json") or [{}]
-        write_text_atomic(staging / CONTINUED_FROM, json.dumps(
+        write_text_atomic(staging / state.CONTINUED_FROM, json.dumps(
             {"run": source.name, "epochs_done": found[1], "wall_time": history[-1].get("wall_time", 0.0)}))
         last = {"checkpoints": 1, "summary.json": 2}  # until both are in, it resumes or starts over
         for entry in sorted(staging.iterdir(), key=lambda e: last.get(e.name, 0)):

@@ -40,6 +40,7 @@ def collect(run_dirs, at="final"):
         summary = read_json(run_dir / "summary.json") or {}
         f, o = config["federated"], config["optim"]
         row = pick_epoch(history, at)
+        wall_time = history[-1].get("wall_time") if history else None
         rows.append({
             "id": run_dir.name, "status": point_state(run_dir, wanted=budget(config)), "algorithm": f["algorithm"],
             "split": _split_name(f), "lr": o["lr"],
@@ -49,8 +50,8 @@ def collect(run_dirs, at="final"):
             "round": row.get("round"), "train_loss": row.get("train_loss"),
             "val_accuracy": row.get("val_accuracy"), "test_accuracy": row.get("test_accuracy"),
             "grad_variance": row.get("grad_variance"),
-            "wall_time": history[-1].get("wall_time") if history else None,
-            **provenance(run_dir, history[-1].get("wall_time") if history else None),
+            "wall_time": wall_time,
+            **provenance(run_dir, wall_time),
         })
         curves[run_dir.name] = {
             "accuracy": [(r["communications"], r["test_accuracy"]) for r in history
@@ -65,9 +66,10 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     rows, curves = collect(run_dirs, at)
     write_csv_atomic(out / "results.csv", rows, COLUMNS)
     groups = defaultdict(lambda: defaultdict(list))
+    shortest = min((r["rounds"] for r in rows), default=None)
     for r in rows:
         if r["status"] == "done":
-            groups[(_cell(r, rows), r["algorithm"])][tuple(r[k] for k in SETTING_KEYS)].append(r)
+            groups[(_cell(r, shortest), r["algorithm"])][tuple(r[k] for k in SETTING_KEYS)].append(r)
     chosen = {key: (best, settings[best]) for key, settings in groups.items()
               for best in [best_setting(settings, "val_accuracy", max)]}
     stats = {key: mean_std([r["test_accuracy"] for r in seeds]) for key, (_, seeds) in chosen.items()}
@@ -113,11 +115,10 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     return {"rows": rows, "chosen": chosen, "table": table, "plots": files}
 
 
-def _cell(row, rows):
+def _cell(row, shortest):
     """The table row a run belongs to: its split, and its horizon where it ran longer than
-    the sweep's shortest (a run continued to more rounds is another reading of the same
+    the sweep's ``shortest`` (a run continued to more rounds is another reading of the same
     setting and seed, not another seed of it)."""
-    shortest = min(r["rounds"] for r in rows)
     return row["split"] if row["rounds"] == shortest else f"{row['split']}, {row['rounds']} rounds"
 
 

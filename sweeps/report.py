@@ -82,6 +82,7 @@ def collect(runs_dir, at="final") -> list[dict]:
         # set; otherwise Keras' running mean over the epoch.
         train_acc = row.get("train_eval_accuracy", row.get("accuracy"))
         train_loss = row.get("train_eval_loss", row.get("loss"))
+        wall_time = history[-1].get("wall_time") if history else None
         rows.append({
             **_config_fields(config), "id": run_dir.name,
             "status": point_state(run_dir, wanted=budget(planned or config)), "workers": workers,
@@ -91,9 +92,9 @@ def collect(runs_dir, at="final") -> list[dict]:
             "test_loss": row.get("test_loss"), "grad_variance": row.get("grad_variance"),
             "grad_variance_ratio": row.get("grad_variance_ratio"),
             "images_per_sec": statistics.median(ips) if ips else None,
-            "wall_time": history[-1].get("wall_time") if history else None,
+            "wall_time": wall_time,
             "train_accuracy_from": "evaluation" if "train_eval_accuracy" in row else "running mean",
-            **provenance(run_dir, history[-1].get("wall_time") if history else None),
+            **provenance(run_dir, wall_time),
         })
         if summary.get("status") == "diverged":
             rows[-1]["status"] = "diverged"

@@ -290,10 +290,11 @@ def test_local_sweep_runs_resumes_and_reports(tmp_path):
 def test_predecessor_is_the_longest_finished_shorter_run_of_the_same_settings(tmp_path):
     import copy
 
-    from sweeps.extend import predecessor
+    from sweeps.extend import predecessor, predecessors
 
     runs = tmp_path / "runs"
-    point = sweep_spec.load(write_spec(tmp_path, batches="[256]", optimizers='["sgd"]'), runs).points[0]
+    sweep = sweep_spec.load(write_spec(tmp_path, batches="[256]", optimizers='["sgd"]'), runs)
+    point = sweep.points[0]
     point.config["train"]["epochs"] = 10
 
     def finished(name, epochs, *, done=None, workers=2, status="finished", checkpoint=True, **optim):
@@ -317,6 +318,9 @@ def test_predecessor_is_the_longest_finished_shorter_run_of_the_same_settings(tm
     finished("no_checkpoint", 8, checkpoint=False)
     finished(".other.copying", 9)  # a copy in the making (hidden) is nobody's predecessor
     assert predecessor(point, runs / "tiny") == (runs / "tiny" / "six", 6)
+    # status and --dry-run read the same answer for every pending point in one pass
+    assert predecessors(sweep, {p.id: state.PENDING for p in sweep.points}) == {point.id: (runs / "tiny" / "six", 6)}
+    assert predecessors(sweep, {p.id: state.INTERRUPTED for p in sweep.points}) == {}
     # The copy is the point's own run, not finished: its config, its budget still ahead.
     from sweeps.extend import continue_from_predecessor
     from sweeps.report import collect
@@ -406,6 +410,9 @@ def test_status_estimates_the_remaining_time_from_the_sweeps_own_rates(tmp_path)
     assert left.seconds == pytest.approx(4 * 5 + 30 * (3 + 3 * 4))
     assert left.points == 11 and sorted(p.params["batch_size"] for p in left.unmeasured) == [256] * 6
     assert "still to run: 11 points, about 0.1 h of one launcher plus 6 with no measured rate" in describe(left)
+    # a pending point that continues a run needs only the epochs past that run's
+    continued = {point("sgd", 128, seed=1).id: (tmp_path / "elsewhere", 3)}
+    assert remaining(sweep, states, continued).seconds == pytest.approx(left.seconds - 3 * 5)
     status = sweeps_cli("status", path, "--runs-root", runs)
     assert "still to run: 11 points" in status.stdout, status.stdout + status.stderr
 
