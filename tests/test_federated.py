@@ -228,6 +228,25 @@ def test_entry_point_runs_each_algorithm(tmp_path, algorithm, extra):
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
+def test_entry_point_evaluates_the_training_samples_only_when_asked(tmp_path):
+    import json
+
+    proc = _train(tmp_path / "no_train_eval", "--algorithm", "fedavg", "--rounds", "1", "--eval-train", "false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "no_train_eval" / "metrics.json").read_text())[-1]
+    assert "test_accuracy" in row and not any(k.startswith("train_") for k in row), row
+
+
+@pytest.mark.parametrize("flag, value, instead", [
+    ("--eval-every", "5", "federated.eval_rounds"), ("--epochs", "3", "federated.rounds"),
+    ("--momentum", "0.5", "federated.server_momentum"), ("--warmup-epochs", "1", "constant"),
+])
+def test_a_distributed_only_key_in_a_federated_run_is_refused(tmp_path, flag, value, instead):
+    proc = _train(tmp_path / "refused", "--algorithm", "fedavg", "--rounds", "1", flag, value, timeout=120)
+    assert proc.returncode != 0 and "does nothing in a federated run" in proc.stderr and instead in proc.stderr
+    assert not (tmp_path / "refused" / "metrics.json").exists()
+
+
 def test_entry_point_measures_variance_every_n_rounds(tmp_path):
     import json
 

@@ -12,6 +12,7 @@ from sweeps import spec as sweep_spec
 from sweeps import state
 from sweeps.report import report
 from tests.conftest import REPO
+from train.config import ConfigError
 from train.launch import subprocess_env
 from tests.slurm_cluster import LocalSlurm, cluster_fixture
 from train.config import ConfigError
@@ -65,13 +66,12 @@ def test_spec_points_rules_and_stable_ids(tmp_path):
     assert all(p.run_dir.parent == tmp_path / "runs" / "tiny" for p in sweep.points)
 
 
-def test_fedga_points_keep_their_beta_whatever_optim_optimizer_says(tmp_path):
-    """Rounds do not read optim.optimizer: a FedGA point keeps its β (it was zeroed when
-    the base config said optimizer = "sgd", which made FedGA silently FedAvg), and the
-    other algorithms' β variants are one point."""
+def test_fedga_points_keep_their_beta_and_rounds_refuse_optim_optimizer(tmp_path):
+    """Rounds do not read optim.optimizer: a FedGA point keeps its β, the other algorithms'
+    β variants are one point, and a base config that sets optim.optimizer for rounds (it
+    once zeroed FedGA's β, which made FedGA silently FedAvg) is refused, naming the key."""
     base = tmp_path / "base.toml"
-    base.write_text((REPO / "train/configs/fashion_mnist_fedga.toml").read_text()
-                    .replace("[optim]\n", '[optim]\noptimizer = "sgd"\n'))
+    base.write_text((REPO / "train/configs/fashion_mnist_fedga.toml").read_text())
     spec = tmp_path / "fed.toml"
     spec.write_text(f'[sweep]\nname = "fed"\nbase_config = "{base}"\n'
                     '[grid]\nalgorithm = ["fedga", "fedavg"]\nbeta = [0.05, 0.1]\nseed = [0]\n')
@@ -79,6 +79,9 @@ def test_fedga_points_keep_their_beta_whatever_optim_optimizer_says(tmp_path):
     fedga = sorted(p.config["optim"]["beta"] for p in sweep.points if p.params["algorithm"] == "fedga")
     fedavg = [p.config["optim"]["beta"] for p in sweep.points if p.params["algorithm"] == "fedavg"]
     assert fedga == [0.05, 0.1] and fedavg == [0.0]
+    base.write_text(base.read_text().replace("[optim]\n", '[optim]\noptimizer = "sgd"\n'))
+    with pytest.raises(ConfigError, match="optim.optimizer = 'sgd' does nothing in a federated run"):
+        sweep_spec.load(spec, tmp_path / "runs")
 
 
 @pytest.mark.parametrize("edit, match", [

@@ -51,6 +51,11 @@ def test_defaults_and_overrides(tmp_path):
     ('[federated]\nalgorithm = "fedavg"\nclients_per_round = 30\n',
      r"federated\.clients_per_round = 30 must be between 1 and the number of clients \(20\)"),
     ('[federated]\nalgorithm = "fedavg"\niid_fraction = 1.5\n', r"federated\.iid_fraction must be in \[0, 1\]"),
+    # a key the run would not read is refused, not silently ignored
+    ('[federated]\nrounds = 7\n', r"federated\.rounds is set, but federated\.algorithm = 'none'"),
+    ('[federated]\nalgorithm = "fedga"\n[optim]\nmicro_batch_size = 64\n',
+     r"optim\.micro_batch_size = 64 does nothing in a federated run .*clients are its micro-batches"),
+    ('[federated]\nalgorithm = "fedavg"\n[train]\nbatch_size = 64\n', r"federated\.local_batch"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, match):
     cfg = tmp_path / "c.toml"
@@ -90,7 +95,9 @@ def test_the_schema_is_the_one_source_of_keys_types_meaning_and_section_rules(ca
     with pytest.raises(ConfigError, match=r"federated\.alpha must be > 0 \(a Dirichlet concentration\)"):
         FederatedSection(algorithm="fedavg", split="dirichlet", alpha=0.0).check()
     FederatedSection(split="dirichlet", alpha=0.0).check()
-    assert load(["--split", "dirichlet", "--alpha", "0"])["federated"]["alpha"] == 0.0
+    # a distributed run would not read them at all: setting them is refused, by name
+    with pytest.raises(ConfigError, match=r"federated\.alpha is set, but federated\.algorithm = 'none'"):
+        load(["--split", "dirichlet", "--alpha", "0"])
 
 
 def test_command_line_errors():

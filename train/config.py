@@ -39,6 +39,32 @@ ADDED_LATER = {("data", "subset_seed"): -1,
                ("federated", "server_beta2"): 0.99, ("federated", "server_epsilon"): 1e-3}
 
 
+# Keys that only distributed epochs read, with what a federated run uses instead. Set
+# away from their defaults in a federated run they would silently do nothing: refused.
+DISTRIBUTED_ONLY = {
+    ("train", "batch_size"): "the clients' batch is federated.local_batch",
+    ("train", "epochs"): "a federated run's budget is federated.rounds",
+    ("train", "eval_every"): "use federated.eval_rounds",
+    ("optim", "optimizer"): "federated.algorithm chooses the algorithm",
+    ("optim", "inner"): "clients take plain SGD steps; the server's is federated.server_optimizer",
+    ("optim", "momentum"): "clients take plain SGD steps; the server's is federated.server_momentum",
+    ("optim", "nesterov"): "clients take plain SGD steps",
+    ("optim", "clipnorm"): "clients take plain SGD steps",
+    ("optim", "reference_batch"): "optim.lr is the clients' lr as it is",
+    ("optim", "lr_scaling"): "optim.lr is the clients' lr as it is",
+    ("optim", "warmup_epochs"): "the clients' lr is constant",
+    ("optim", "warmup_from"): "the clients' lr is constant",
+    ("optim", "decay"): "the clients' lr is constant",
+    ("optim", "decay_epochs"): "the clients' lr is constant",
+    ("optim", "decay_factor"): "the clients' lr is constant",
+    ("optim", "beta_follows_lr"): "FedGA's β is optim.beta as it is",
+    ("optim", "micro_batches"): "FedGA's clients are its micro-batches",
+    ("optim", "micro_batch_size"): "FedGA's clients are its micro-batches",
+    ("optim", "log_alignment"): "V is measured every federated.variance_every rounds",
+    ("data", "augment"): "federated clients read the images as they are",
+}
+
+
 def is_federated(config: dict) -> bool:
     """Whether a config asks for federated rounds (any algorithm but "none") rather than
     distributed epochs."""
@@ -170,6 +196,7 @@ def validate(config: dict) -> dict:
     for name, section in SECTIONS.items():
         section(**config[name]).check()
     o, t = config["optim"], config["train"]
+    _check_no_silent_keys(config)
     if is_federated(config):
         f = config["federated"]
         try:
@@ -184,6 +211,26 @@ def validate(config: dict) -> dict:
         except ValueError as err:
             raise ConfigError(f"optim.warmup_from = {o['warmup_from']!r}: {err}") from None
     return config
+
+
+def _check_no_silent_keys(config: dict) -> None:
+    """A key the run would not read, set away from its default, is an error that says
+    what the run reads instead."""
+    if is_federated(config):
+        for (section, key), instead in DISTRIBUTED_ONLY.items():
+            if config[section][key] != DEFAULTS[section][key]:
+                raise ConfigError(
+                    f"{section}.{key} = {config[section][key]!r} does nothing in a federated run "
+                    f"(federated.algorithm = {config['federated']['algorithm']!r}): {instead}; "
+                    f"remove it or set it back to {DEFAULTS[section][key]!r}")
+        return
+    changed = sorted(k for k, v in config["federated"].items()
+                     if k != "algorithm" and v != DEFAULTS["federated"][k])
+    if changed:
+        raise ConfigError(
+            f"federated.{changed[0]} is set, but federated.algorithm = {NOT_FEDERATED!r} (a distributed "
+            f"run, which reads no federated key); choose an algorithm (fedavg | fedga | scaffold | "
+            f"fedprox) or remove federated.{', federated.'.join(changed)}")
 
 
 # FederatedConfig fields that come from [optim]; the others are federated.<field>.

@@ -96,7 +96,8 @@ def _build_trainer(config):
                   metrics=["accuracy"], jit_compile=False)
     trainer = federated.FederatedTrainer(model, model.loss, x, y, clients, federated_config(config))
     # every worker evaluates the same global model: rank 0's numbers are everyone's
-    evaluated = {"test": test, "val": validation, "train": (x[:10000], y[:10000])}
+    evaluated = {"test": test, "val": validation,
+                 "train": (x[:10000], y[:10000]) if t["eval_train"] else None}
     return info, trainer, evaluated
 
 
