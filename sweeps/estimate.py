@@ -84,6 +84,9 @@ def remaining(sweep, states, continued=None) -> Remaining:
 def describe(r: Remaining) -> str:
     if not r.points:
         return "nothing left to run"
+    if len(r.unmeasured) == r.points:
+        return (f"still to run: {r.points} points, none with a measured rate yet (the time left "
+                "shows once a run of each kind has recorded an epoch or round)")
     text = f"still to run: {r.points} points, about {r.seconds / 3600:.1f} h of one launcher"
     if r.unmeasured:
         text += (f" plus {len(r.unmeasured)} with no measured rate yet ("

@@ -418,6 +418,8 @@ def test_status_estimates_the_remaining_time_from_the_sweeps_own_rates(tmp_path)
     assert remaining(sweep, states, continued).seconds == pytest.approx(left.seconds - 3 * 5)
     status = sweeps_cli("status", path, "--runs-root", runs)
     assert "still to run: 11 points" in status.stdout, status.stdout + status.stderr
+    assert "none with a measured rate yet" in describe(remaining(sweep_spec.load(path, tmp_path / "empty"), {
+        p.id: state.PENDING for p in sweep.points}))
 
 
 def fake_run(d, *, lr=0.1, val=0.8, test=0.8, optimizer="sgd", beta=0.0, batch=64, data=None, seed=0):
