@@ -57,8 +57,8 @@ def cmd_run(args) -> int:
     todo = [p for p in points if states[p.id] in TODO]
     print(f"sweep {sweep.name}: {len(points)} points{' selected' if args.where else ''}, {len(todo)} to run "
           f"({', '.join(f'{n} {s}' for s, n in sorted(Counter(states.values()).items()))})")
+    continued = extend.predecessors(sweep, states)
     if args.dry_run:
-        continued = extend.predecessors(sweep, states)
         for p in todo:
             what = " ".join(f"{k}={v}" for k, v in p.params.items())
             how = ", ".join(filter(None, (states[p.id], _continues(p, continued))))
@@ -67,8 +67,8 @@ def cmd_run(args) -> int:
     if not todo:
         return 0
     for p in todo:
-        if states[p.id] == state.PENDING and (found := extend.continue_from_predecessor(p, sweep.runs_dir)):
-            print(f"  {p.id} continues {found[0].name} after its {found[1]} {_unit(p)} (a copy; that run stays)")
+        if p.id in continued and extend.continue_from_predecessor(p, continued[p.id]):
+            print(f"  {p.id} {_continues(p, continued)} (a copy; that run stays)")
     try:
         handle = launcher.submit(sweep, todo)
     except KeyboardInterrupt:

@@ -48,35 +48,28 @@ def _longest_shorter(point, candidates) -> tuple[Path, int] | None:
     return best
 
 
-def predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
-    """The finished run in ``runs_dir`` that ``point`` continues, and its epochs (rounds):
-    the same configuration and workers, a smaller budget, a checkpoint to start from, and
-    a schedule that does not depend on the total (resume_conflict); the longest such run."""
-    return _longest_shorter(point, _finished_runs(runs_dir))
-
-
 def predecessors(sweep, states) -> dict:
     """{point id: (run dir, epochs)} for the sweep's pending points that continue a run,
-    reading the sweep's runs once."""
+    reading the sweep's runs once. A point's predecessor is the finished run of the same
+    configuration and workers with a smaller budget, a checkpoint to start from, and a
+    schedule that does not depend on the total (resume_conflict); the longest such run."""
     candidates = _finished_runs(sweep.runs_dir)
     return {p.id: found for p in sweep.points
             if states[p.id] == state.PENDING and (found := _longest_shorter(p, candidates))}
 
 
-def continue_from_predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
-    """Seed a pending point's run dir with a copy of its predecessor's run, if it has one
-    (what was copied, or None). Done under the point's lock, so two launchers cannot both
+def continue_from_predecessor(point, found: tuple[Path, int]) -> bool:
+    """Seed a pending point's run dir with a copy of its predecessor's run ``found`` (from
+    ``predecessors``); whether it was copied. Done under the point's lock, so two launchers cannot both
     seed it; the copy is made aside and moved in with the checkpoints and the summary last,
     so that an interruption leaves a point that resumes or one that starts over, never one
     that looks finished without its checkpoints."""
-    found = predecessor(point, runs_dir)
-    if found is None:
-        return None
     source, _ = found
     with claim(point.run_dir) as mine:
+        # Another launcher may have started or seeded the point since predecessors() looked.
         if not mine or state.point_state(point.run_dir) != state.PENDING \
                 or (point.run_dir / "config.json").exists():
-            return None
+            return False
         staging = point.run_dir.parent / f".{point.id}.copying"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(source, staging, ignore=shutil.ignore_patterns(*NOT_COPIED))
@@ -95,4 +88,4 @@ def continue_from_predecessor(point, runs_dir: Path) -> tuple[Path, int] | None:
                 shutil.rmtree(target)
             entry.replace(target)
         staging.rmdir()
-    return found
+    return True

@@ -267,7 +267,8 @@ def plots(rows, chosen, out: Path) -> list[Path]:
         if name == "grad_variance_vs_batch.png":
             ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a panel with no measured value has nothing to name
+            ax.legend()
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)

@@ -293,7 +293,7 @@ def test_local_sweep_runs_resumes_and_reports(tmp_path):
 def test_predecessor_is_the_longest_finished_shorter_run_of_the_same_settings(tmp_path):
     import copy
 
-    from sweeps.extend import predecessor, predecessors
+    from sweeps.extend import predecessors
 
     runs = tmp_path / "runs"
     sweep = sweep_spec.load(write_spec(tmp_path, batches="[256]", optimizers='["sgd"]'), runs)
@@ -320,15 +320,16 @@ def test_predecessor_is_the_longest_finished_shorter_run_of_the_same_settings(tm
     finished("cut_short", 9, done=7, status="interrupted")
     finished("no_checkpoint", 8, checkpoint=False)
     finished(".other.copying", 9)  # a copy in the making (hidden) is nobody's predecessor
-    assert predecessor(point, runs / "tiny") == (runs / "tiny" / "six", 6)
-    # status and --dry-run read the same answer for every pending point in one pass
-    assert predecessors(sweep, {p.id: state.PENDING for p in sweep.points}) == {point.id: (runs / "tiny" / "six", 6)}
+    pending = {p.id: state.PENDING for p in sweep.points}
+    assert predecessors(sweep, pending) == {point.id: (runs / "tiny" / "six", 6)}
     assert predecessors(sweep, {p.id: state.INTERRUPTED for p in sweep.points}) == {}
     # The copy is the point's own run, not finished: its config, its budget still ahead.
     from sweeps.extend import continue_from_predecessor
     from sweeps.report import collect
 
-    assert continue_from_predecessor(point, runs / "tiny") == (runs / "tiny" / "six", 6)
+    assert continue_from_predecessor(point, (runs / "tiny" / "six", 6))
+    # what predecessors() said is re-checked under the point's lock: a seeded point is not seeded again
+    assert not continue_from_predecessor(point, (runs / "tiny" / "four", 4))
     assert json.loads((point.run_dir / "config.json").read_text()) == point.config
     assert state.point_state(point.run_dir) == state.INTERRUPTED
     assert json.loads((runs / "tiny" / "six" / "summary.json").read_text())["status"] == "finished"
@@ -338,7 +339,7 @@ def test_predecessor_is_the_longest_finished_shorter_run_of_the_same_settings(tm
     # Under cosine decay the longer run is not the shorter one continued.
     point.config["optim"]["decay"] = "cosine"
     finished("cosine", 5, decay="cosine")
-    assert predecessor(point, runs / "tiny") is None
+    assert predecessors(sweep, pending) == {}
 
 
 def test_a_raised_budget_continues_the_shorter_finished_run(tmp_path):
@@ -356,7 +357,7 @@ def test_a_raised_budget_continues_the_shorter_finished_run(tmp_path):
     assert f"(continues {short.id} after 1 epochs)" in sweeps_cli("status", path, "--runs-root", runs).stdout
     run = sweeps_cli("run", path, "--runs-root", runs)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert f"{longer.id} continues {short.id} after its 1 epochs" in run.stdout
+    assert f"{longer.id} continues {short.id} after 1 epochs (a copy; that run stays)" in run.stdout
     assert "resuming" in (longer.run_dir / "train.log").read_text()
     rows = json.loads((longer.run_dir / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [1, 2]
