@@ -160,16 +160,18 @@ def markdown_table(rows, chosen, at="final") -> str:
             setting, seeds, _ = chosen[(b, o)]
             test_m, test_s = mean_std([r["test_accuracy"] for r in seeds])
             gap_m, _ = mean_std([_gap(r) for r in seeds])
+            train_m, _ = mean_std([r["train_accuracy"] for r in seeds if _gap(r) is not None])
             s = dict(zip(SETTING_KEYS, setting))
             beta = f", β={s['beta']:g}" if o == "gradalign" else ""
-            gap = f"gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
+            gap = f"train {100 * train_m:.2f}, gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
             cells.append(f"{100 * test_m:.2f} ± {100 * test_s:.2f} ({gap}"
                          f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, n={len(seeds)})")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     failed = [r for r in rows if r["status"] != "done"]
     notes = [
         "",
-        f"Cells: test accuracy (%) {reading(at, 'epoch')}, mean ± std over seeds; gap = train − test "
+        f"Cells: test accuracy (%) {reading(at, 'epoch')}, mean ± std over seeds; train = training "
+        "accuracy (%, a clean evaluation of the training set) at that epoch, gap = train − test "
         "accuracy (percentage points); the setting shown is the one selected by "
         + " / ".join(criteria) + ".",
     ]

@@ -510,9 +510,9 @@ def test_report_gap_needs_a_clean_train_accuracy_and_lists_points_not_started(tm
     row = {"epoch": 1, "accuracy": 0.60, "loss": 0.3, "val_accuracy": 0.7, "test_accuracy": 0.71,
            "images_per_sec": 1.0, "grad_variance": 1.0}
     (d / "metrics.json").write_text(json.dumps([row]))
-    assert "(gap " not in report(runs / "tiny")["table"]
+    assert "gap " not in report(runs / "tiny")["table"].split("Cells:")[0]
     (d / "metrics.json").write_text(json.dumps([{**row, "train_eval_accuracy": 0.75}]))
-    assert "(gap +4.00; " in report(runs / "tiny")["table"]
+    assert "(train 75.00, gap +4.00; " in report(runs / "tiny")["table"]
     path.write_text(path.read_text().replace("[128]", "[128, 256]"))
     proc = sweeps_cli("report", runs / "tiny", "--spec", path)
     assert proc.returncode == 0, proc.stderr
