@@ -89,6 +89,7 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines += _against_fedavg(chosen, splits, algorithms)
     lines += _at_equal_communications(chosen, curves, splits, algorithms, at)
+    lines += _trend(chosen, curves, splits, algorithms)
     timed = [r for r in rows if r["status"] == "done" and r["wall_time"]]
     walls = [r["wall_time"] for r in timed]
     own = sum(r["own_wall_time"] for r in timed)
@@ -215,6 +216,40 @@ def _at_equal_communications(chosen, curves, splits, algorithms, at):
             m, sd = mean_std(_paired_differences(tests.get("fedavg", {}), tests.get(a, {})))
             cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f}")
         lines.append(f"| {split} | {budget} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _trend(chosen, curves, splits, algorithms, every=100):
+    """Where the curves flatten: each chosen setting's test accuracy averaged over the TAIL
+    evaluations ending at every ``every``-th round (the plots' trend lines; a reading that
+    no single round's draw of clients decides), mean over seeds, and each algorithm's
+    paired difference to FedAvg at those rounds."""
+    def trailing(run, upto):
+        return pick_epoch([r for r in curves[run["id"]]["history"] if (r.get("round") or 0) <= upto],
+                          "last_mean").get("test_accuracy")
+
+    lines = ["", f"Where the curves flatten: test accuracy (%) averaged over the {TAIL} evaluations "
+             "ending at each round, the chosen settings, mean over seeds (difference rows: paired "
+             "by seed, in points):"]
+    for split in splits:
+        keys = [(split, a) for a in algorithms if (split, a) in chosen]
+        horizon = min(max((r.get("round") or 0 for r in curves[run["id"]]["history"]), default=0)
+                      for key in keys for run in chosen[key][1])
+        marks = sorted({*range(every, horizon + 1, every), horizon} - {0})
+        if not marks:
+            continue
+        at = {a: {m: {run["seed"]: trailing(run, m) for run in chosen[(split, a)][1]} for m in marks}
+              for _, a in keys}
+        lines += ["", f"| {split} | " + " | ".join(f"round {m}" for m in marks) + " |",
+                  "|---|" + "---:|" * len(marks)]
+        for a in at:
+            means = [mean_std(list(at[a][m].values()))[0] for m in marks]
+            lines.append(f"| {a} (n={len(chosen[(split, a)][1])}) | " + " | ".join(_pct(v) for v in means) + " |")
+        for a in at:
+            if a == "fedavg" or "fedavg" not in at:
+                continue
+            diffs = [mean_std(_paired_differences(at["fedavg"][m], at[a][m]))[0] for m in marks]
+            lines.append(f"| {a} − fedavg | " + " | ".join("–" if d is None else f"{d:+.1f}" for d in diffs) + " |")
     return lines
 
 

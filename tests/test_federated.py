@@ -514,6 +514,27 @@ def test_equal_communications_reads_fedga_over_half_its_rounds():
                                     ["fedavg"], "final") == []  # one cost per round: nothing to add
 
 
+def test_trend_averages_the_ten_evaluations_ending_at_each_round_paired_by_seed():
+    """The 'where the curves flatten' table: at rounds 100, 200, ... up to the shortest
+    run, each run's test accuracy over its 10 evaluations ending there, mean over seeds,
+    and the paired difference to FedAvg."""
+    from sweeps.federated_report import _trend
+
+    def history(rounds, test):  # evaluated every 5 rounds, V-only rows between
+        return [{"round": r, **({"test_accuracy": test(r)} if r % 5 == 0 else {})} for r in range(1, rounds + 1)]
+
+    curves = {"a0": {"history": history(250, lambda r: 0.5)}, "a1": {"history": history(200, lambda r: 0.4)},
+              "g0": {"history": history(250, lambda r: r / 1000)}, "g1": {"history": history(200, lambda r: 0.6)}}
+    chosen = {("iid", "fedavg"): ((0.1,), [{"id": "a0", "seed": 0}, {"id": "a1", "seed": 1}]),
+              ("iid", "fedga"): ((0.1,), [{"id": "g0", "seed": 0}, {"id": "g1", "seed": 1}])}
+    lines = _trend(chosen, curves, ["iid"], ["fedavg", "fedga"])
+    assert "| iid | round 100 | round 200 |" in lines  # the shortest run ends at 200
+    assert "| fedavg (n=2) | 45.0 | 45.0 |" in lines
+    # seed 0 at round 100: the mean of rounds 55, 60, ..., 100 is 77.5, i.e. 7.75 %
+    assert "| fedga (n=2) | 33.9 | 38.9 |" in lines
+    assert "| fedga − fedavg | -11.1 | -6.1 |" in lines  # (7.75 - 50 + 60 - 40) / 2
+
+
 def test_federated_checkpoints_are_verified_and_readable_by_the_group(tmp_path, hvd):
     """Like the training checkpoints: a manifest with every worker's state file, the
     umask's permissions (not mkstemp's 0600), and a damaged latest checkpoint skipped
