@@ -60,10 +60,10 @@ def predecessors(sweep, states) -> dict:
 
 def continue_from_predecessor(point, found: tuple[Path, int]) -> bool:
     """Seed a pending point's run dir with a copy of its predecessor's run ``found`` (from
-    ``predecessors``); whether it was copied. Done under the point's lock, so two launchers cannot both
-    seed it; the copy is made aside and moved in with the checkpoints and the summary last,
-    so that an interruption leaves a point that resumes or one that starts over, never one
-    that looks finished without its checkpoints."""
+    ``predecessors``); whether it was copied. Done under the point's lock, so two launchers
+    cannot both seed it; the copy is made aside and moved in with the checkpoints and the
+    summary last, so that an interruption leaves a point that resumes or one that starts
+    over, never one that looks finished without its checkpoints."""
     source, _ = found
     with claim(point.run_dir) as mine:
         # Another launcher may have started or seeded the point since predecessors() looked.
