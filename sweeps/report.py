@@ -12,6 +12,12 @@ included, is shown at its best, chosen without looking at the test set. Settings
 are compared on the mean over the seeds they all have (a sweep may tune on one
 seed and then run the chosen setting on more). Without a validation split the
 lowest training loss decides, and the table says so.
+
+Budgets: a batch whose budget was raised or piloted has finished runs of one setting at
+several budgets, the shorter a prefix of the longer (sweeps/extend.py). They are never
+seeds of one setting, and settings are compared at one budget per batch: the one most
+of the batch's finished runs have (the larger on a tie). Runs at the batch's other
+budgets stay in results.csv, and the table counts them.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 import tomllib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
@@ -33,7 +39,7 @@ COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size
            "test_accuracy", "test_loss", "grad_variance", "grad_variance_ratio", "images_per_sec",
            "wall_time", "train_samples", "subset_seed", "warmup_from", "train_accuracy_from",
            "continued_from", "own_wall_time"]
-SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta")
+SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta", "epochs")
 
 
 def _micro(config, workers):
@@ -101,6 +107,31 @@ def collect(runs_dir, at="final") -> list[dict]:
     return rows
 
 
+def batch_budgets(rows) -> dict:
+    """{batch: epochs}: the budget each batch is read at (see the module's docstring)."""
+    counts = defaultdict(Counter)
+    for r in rows:
+        if r["status"] == "done":
+            counts[r["batch_size"]][r["epochs"]] += 1
+    return {b: max(c, key=lambda epochs: (c[epochs], epochs)) for b, c in counts.items()}
+
+
+def at_batch_budget(rows) -> tuple[list, list]:
+    """(the rows the tables read, the finished runs at another budget of their batch)."""
+    budgets = batch_budgets(rows)
+    other = [r for r in rows if r["status"] == "done" and r["epochs"] != budgets[r["batch_size"]]]
+    return [r for r in rows if r not in other], other  # rows are dicts with distinct ids
+
+
+def _other_budgets_note(other) -> str:
+    if not other:
+        return ""
+    counts = Counter((r["batch_size"], r["epochs"]) for r in other)
+    what = "; ".join(f"batch {b}: {n} at {e} epochs" for (b, e), n in sorted(counts.items()))
+    return (f"\nRead at one budget per batch (the one most of its finished runs have); not in the "
+            f"tables: {len(other)} finished run(s) at another budget ({what}); see results.csv.\n")
+
+
 def _groups(rows):
     """{(batch, optimizer): {setting: [rows of its seeds]}} over finished points."""
     groups = defaultdict(lambda: defaultdict(list))
@@ -165,7 +196,8 @@ def markdown_table(rows, chosen, at="final") -> str:
             beta = f", β={s['beta']:g}" if o == "gradalign" else ""
             gap = f"train {100 * train_m:.2f}, gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
             cells.append(f"{100 * test_m:.2f} ± {100 * test_s:.2f} ({gap}"
-                         f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, n={len(seeds)})")
+                         f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, {s['epochs']:g} epochs, "
+                         f"n={len(seeds)})")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     failed = [r for r in rows if r["status"] != "done"]
     notes = [
@@ -287,7 +319,7 @@ def _beta_curve(rows, chosen, out, plt):
     for b in ga_batches:
         setting = dict(zip(SETTING_KEYS, chosen[(b, "gradalign")][0]))
         same = lambda r: (r["batch_size"] == b and r["status"] == "done" and r["lr"] == setting["lr"]
-                          and r["warmup_epochs"] == setting["warmup_epochs"]
+                          and r["warmup_epochs"] == setting["warmup_epochs"] and r["epochs"] == setting["epochs"]
                           and r["subset_seed"] == chosen[(b, "gradalign")][1][0]["subset_seed"])
         by_beta = defaultdict(list)
         for r in rows:
@@ -333,10 +365,11 @@ def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
     started = [p for p in run_dirs(runs_dir) if (p / "config.json").exists()]
     if started and all(is_federated(read_json(p / "config.json")) for p in started):
         return federated_report.report(started, out, at, header=header)
-    rows = collect(runs_dir, at)
-    if not rows and not pending:
+    every_run = collect(runs_dir, at)
+    if not every_run and not pending:
         raise FileNotFoundError(f"no runs (folders with config.json or point.toml) in {runs_dir}")
-    write_csv_atomic(out / "results.csv", rows + list(pending), COLUMNS)
+    write_csv_atomic(out / "results.csv", every_run + list(pending), COLUMNS)
+    rows, other_budget = at_batch_budget(every_run)
     # Several training subsets (data.subset_seed): settings are chosen on the first and
     # applied unchanged to the others, which play no part in any choice.
     subsets = sorted({r["subset_seed"] for r in rows})
@@ -353,11 +386,11 @@ def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
             if applied:
                 recovery += f"\nsubset_seed {subset}:\n\n" + recovery_table(applied)
     per = defaultdict(list)
-    for r in rows:
+    for r in every_run:
         if r["status"] == "done" and r["wall_time"]:
             per[(r["batch_size"], r["optimizer"])].append(r["wall_time"])
     walls = [w for v in per.values() for w in v]
-    own = sum(r["own_wall_time"] for r in rows if r["status"] == "done" and r["wall_time"])
+    own = sum(r["own_wall_time"] for r in every_run if r["status"] == "done" and r["wall_time"])
     timing = ""
     if walls:
         timing = ("\nWall time per finished point (s, median): "
@@ -365,7 +398,7 @@ def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
                               for (b, o), v in sorted(per.items()))
                   + f". Total over {len(walls)} points: {own / 3600:.2f} h"
                   + (" (a continued run counts only its own part)" if own < sum(walls) else "") + ".\n")
-    text = header + table + ("\n" + recovery if recovery else "") + timing
+    text = header + table + _other_budgets_note(other_budget) + ("\n" + recovery if recovery else "") + timing
     write_text_atomic(out / "table.md", text)
     files = plots(rows, chosen, out) if chosen else []
     print(text)

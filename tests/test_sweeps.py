@@ -423,13 +423,13 @@ def test_status_estimates_the_remaining_time_from_the_sweeps_own_rates(tmp_path)
         p.id: state.PENDING for p in sweep.points}))
 
 
-def fake_run(d, *, lr=0.1, val=0.8, test=0.8, optimizer="sgd", beta=0.0, batch=64, data=None, seed=0):
+def fake_run(d, *, lr=0.1, val=0.8, test=0.8, optimizer="sgd", beta=0.0, batch=64, data=None, seed=0, epochs=1):
     """A finished run folder as `python -m train` leaves it, with one evaluated epoch."""
     d.mkdir(parents=True)
     config = {"data": {"dataset": "x", **(data or {})}, "model": {"model": "mlp"},
               "optim": {"optimizer": optimizer, "inner": "sgd", "micro_batches": 4 if beta else 1, "lr": lr,
                         "lr_scaling": "none", "warmup_epochs": 0.0, "beta": beta},
-              "train": {"batch_size": batch, "seed": seed, "epochs": 1}}
+              "train": {"batch_size": batch, "seed": seed, "epochs": epochs}}
     (d / "config.json").write_text(json.dumps(config))
     (d / "summary.json").write_text(json.dumps({"status": "finished"}))
     (d / "metrics.json").write_text(json.dumps([{"epoch": 1, "accuracy": 0.9, "loss": 0.3, "val_accuracy": val,
@@ -443,6 +443,30 @@ def test_report_selects_on_validation_not_test(tmp_path):
         fake_run(runs / f"p{i}", lr=lr, val=val, test=test)
     result = report(runs)
     assert "70.00 ± 0.00" in result["table"] and "lr=0.1" in result["table"]
+
+
+def test_report_reads_each_batch_at_one_budget_and_never_counts_budgets_as_seeds(tmp_path):
+    """A raised budget leaves the same setting and seed at 600 and at 1,200 epochs: not 2
+    seeds of one setting. Each batch is read at the budget most of its finished runs have
+    (the larger on a tie), and the table says which runs it left out."""
+    from sweeps.report import batch_budgets
+
+    runs = tmp_path / "runs"
+    first = [(0.1, 600, 0.88, 0.86), (0.2, 600, 0.86, 0.85), (0.1, 1200, 0.90, 0.87)]
+    for lr, epochs, val, test in first:
+        fake_run(runs / f"lr{lr}e{epochs}", lr=lr, epochs=epochs, val=val, test=test, batch=8192)
+    fake_run(runs / "small", batch=128, val=0.9, test=0.88, epochs=150)
+    table = report(runs)["table"]
+    assert "| 8192 | 86.00 ± 0.00 (lr=0.1, warmup 0, 600 epochs, n=1) |" in table
+    assert "1 finished run(s) at another budget (batch 8192: 1 at 1200 epochs)" in table
+    assert len(list(csv.DictReader(open(runs / "results.csv")))) == 4
+    for lr, val in ((0.2, 0.87), (0.05, 0.85)):
+        fake_run(runs / f"lr{lr}e1200", lr=lr, epochs=1200, val=val, test=0.5, batch=8192)
+    table = report(runs)["table"]
+    assert "| 8192 | 87.00 ± 0.00 (lr=0.1, warmup 0, 1200 epochs, n=1) |" in table
+    assert "(batch 8192: 2 at 600 epochs)" in table
+    done = lambda b, e: {"status": "done", "batch_size": b, "epochs": e}
+    assert batch_budgets([done(64, 100), done(64, 200), done(32, 5)]) == {64: 200, 32: 5}
 
 
 def test_last_mean_reads_the_average_of_the_last_evaluations_not_a_spike(tmp_path):
