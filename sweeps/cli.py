@@ -66,11 +66,15 @@ def cmd_run(args) -> int:
         return 0
     if not todo:
         return 0
+    def seed(p, found):
+        if found and extend.continue_from_predecessor(p, found):
+            print(f"  {p.id} {_continues(p, {p.id: found})} (a copy; that run stays)", flush=True)
+
     for p in todo:
-        if p.id in continued and extend.continue_from_predecessor(p, continued[p.id]):
-            print(f"  {p.id} {_continues(p, continued)} (a copy; that run stays)")
+        seed(p, continued.get(p.id))
     try:
-        handle = launcher.submit(sweep, todo)
+        # A shorter run that finishes while this launcher runs is continued too.
+        handle = launcher.submit(sweep, todo, before_each=lambda p: seed(p, extend.predecessor_now(sweep, p)))
     except KeyboardInterrupt:
         print("interrupted; the current point checkpointed where it could. Run the same command "
               "again to resume", flush=True)

@@ -58,6 +58,15 @@ def predecessors(sweep, states) -> dict:
             if states[p.id] == state.PENDING and (found := _longest_shorter(p, candidates))}
 
 
+def predecessor_now(sweep, point) -> tuple[Path, int] | None:
+    """``predecessors`` for one point that has not started, read now: a local launcher
+    asks just before it runs the point, since the run it continues may have finished
+    after the launcher started (earlier in its own list, or in another launcher)."""
+    if (point.run_dir / "config.json").exists() or state.point_state(point.run_dir) != state.PENDING:
+        return None
+    return _longest_shorter(point, _finished_runs(sweep.runs_dir))
+
+
 def continue_from_predecessor(point, found: tuple[Path, int]) -> bool:
     """Seed a pending point's run dir with a copy of its predecessor's run ``found`` (from
     ``predecessors``); whether it was copied. Done under the point's lock, so two launchers

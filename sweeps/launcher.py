@@ -10,8 +10,9 @@ class Launcher:
     # Ids of points this launcher left alone because another launcher held them.
     skipped: tuple | list = ()
 
-    def submit(self, sweep, points) -> str:
-        """Start ``points``; return a handle to wait on."""
+    def submit(self, sweep, points, before_each=None) -> str:
+        """Start ``points``; return a handle to wait on. ``before_each(point)``, where the
+        launcher runs its points one after another, is called just before each starts."""
         raise NotImplementedError
 
     def wait(self, handle: str, timeout_s: float | None = None) -> None:

@@ -88,19 +88,21 @@ class LocalLauncher(Launcher):
         self.failed = []
         self.skipped = []
 
-    def submit(self, sweep, points) -> str:
+    def submit(self, sweep, points, before_each=None) -> str:
         # SIGTERM (kill, a session's end) must checkpoint the current point like Ctrl-C,
         # not orphan it; and a launcher started with '&' from a script has SIGINT ignored.
         previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return self._run_all(points)
+            return self._run_all(points, before_each)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def _run_all(self, points) -> str:
+    def _run_all(self, points, before_each) -> str:
         env = subprocess_env()
         for i, p in enumerate(points, 1):
+            if before_each:
+                before_each(p)
             with claim(p.run_dir) as mine:
                 # Checked under the lock: another launcher may have finished it meanwhile.
                 now = state.point_state(p.run_dir, wanted=budget(p.config)) if mine else state.RUNNING

@@ -86,7 +86,8 @@ class SlurmLauncher(Launcher):
     name = "slurm"
     detached = True
 
-    def submit(self, sweep, points) -> str:
+    def submit(self, sweep, points, before_each=None) -> str:
+        # The array's tasks run side by side: a point is seeded (if at all) before submission.
         return submit(sweep, points)
 
     def describe(self, handle, count) -> str:

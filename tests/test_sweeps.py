@@ -445,6 +445,23 @@ def test_report_selects_on_validation_not_test(tmp_path):
     assert "70.00 ± 0.00" in result["table"] and "lr=0.1" in result["table"]
 
 
+def test_one_launcher_continues_a_shorter_run_that_it_finished_itself(tmp_path):
+    """Both budgets in one spec, both pending when the launcher starts: the longer point
+    is seeded when its turn comes, from the shorter run the same launcher just finished."""
+    path = write_spec(tmp_path, batches="[256]", optimizers='["sgd"]')
+    path.write_text(path.read_text().replace("workers = 2", "workers = 1").replace("epochs = 1\n", "")
+                    .replace("seed = [0]\n", "seed = [0]\nepochs = [1, 2]\n"))
+    runs = tmp_path / "runs"
+    short, longer = sorted(sweep_spec.load(path, runs).points, key=lambda p: p.params["epochs"])
+    run = sweeps_cli("run", path, "--runs-root", runs)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert f"{longer.id} continues {short.id} after 1 epochs (a copy; that run stays)" in run.stdout
+    assert json.loads((longer.run_dir / "continued_from.json").read_text())["run"] == short.id
+    rows = json.loads((longer.run_dir / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0] == json.loads((short.run_dir / "metrics.json").read_text())[0]
+
+
 def test_report_reads_each_batch_at_one_budget_and_never_counts_budgets_as_seeds(tmp_path):
     """A raised budget leaves the same setting and seed at 600 and at 1,200 epochs: not 2
     seeds of one setting. Each batch is read at the budget most of its finished runs have
