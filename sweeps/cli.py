@@ -1,6 +1,7 @@
 """python -m sweeps run SPEC [--launcher local|slurm] [--dry-run] [--wait]
 python -m sweeps status SPEC
-python -m sweeps report RUNS_DIR"""
+python -m sweeps report RUNS_DIR [--out DIR]
+python -m sweeps restore SPEC --from DIR  (a fresh machine: the runs a report in DIR was made from)"""
 
 from __future__ import annotations
 
@@ -142,6 +143,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_restore(args) -> int:
+    from sweeps import archive
+
+    sweep = load(args.spec, args.runs_root)
+    source = Path(args.source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} is not a folder: pass the folder a report of {sweep.name} was "
+                                "written to (--out), which holds its results.csv and runs/")
+    try:
+        counts = archive.restore(sweep, source, args.at)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(f"sweep {sweep.name}: restored {counts['records']} run(s) from {source / archive.RECORDS}, "
+          f"{counts['table']} from the rows of {source / 'results.csv'} alone (no per-epoch metrics); "
+          f"{counts['kept']} already had a folder in {sweep.runs_dir} and were left as they are")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sweeps", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,9 +185,18 @@ def main(argv=None) -> int:
                      help="which epoch of each run counts: the last, the evaluated epoch "
                           f"with the best validation accuracy, or the mean of the last {TAIL} "
                           "evaluations (for noisy curves that have flattened)")
+    res = sub.add_parser("restore", help="put back finished runs from a report's folder (a fresh machine)")
+    res.add_argument("spec")
+    res.add_argument("--from", dest="source", required=True, metavar="REPORT_DIR",
+                     help="a folder a report of this sweep was written to, e.g. docs/results/NAME")
+    res.add_argument("--at", choices=AT,
+                     help="the reading its results.csv was made at; needed only for runs that survive "
+                          "as rows of that table alone")
+    res.add_argument("--runs-root")
     args = p.parse_args(argv)
     try:
-        return {"run": cmd_run, "status": cmd_status, "report": cmd_report}[args.command](args)
+        return {"run": cmd_run, "status": cmd_status, "report": cmd_report,
+                "restore": cmd_restore}[args.command](args)
     except (ConfigError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

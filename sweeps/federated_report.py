@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
+from sweeps.archive import restored_note, restored_row
 from sweeps.selection import TAIL, best_setting, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json
 from train.config import budget, is_federated
@@ -35,6 +36,13 @@ def collect(run_dirs, at="final"):
     for run_dir in run_dirs:
         config = read_json(run_dir / "config.json")
         if config is None or not is_federated(config):
+            continue
+        restored = restored_row(run_dir, at)
+        if restored is not None:
+            rows.append({**{k: restored.get(k) for k in COLUMNS}, "id": run_dir.name,
+                         "status": point_state(run_dir, wanted=budget(config)),
+                         "continued_from": restored.get("continued_from") or ""})
+            curves[run_dir.name] = {"accuracy": [], "variance": [], "history": []}
             continue
         history = read_json(run_dir / "metrics.json") or []
         summary = read_json(run_dir / "summary.json") or {}
@@ -105,6 +113,9 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
         lines.append(f"Wall time per run (median): {per_algorithm}; total "
                      f"{own / 3600:.2f} h over {len(walls)} runs"
                      + (" (a continued run counts only its own part)" if own < sum(walls) else "") + ".")
+    note = restored_note(run_dirs)
+    if note:
+        lines.append(note.strip())
     not_done = [r for r in rows if r["status"] != "done"]
     if not_done:
         lines.append(f"Not in the table: {len(not_done)} run(s) not finished; see results.csv.")
@@ -200,12 +211,14 @@ def _at_equal_communications(chosen, curves, splits, algorithms, at):
              " | ".join(f"{a} − fedavg" for a in algorithms if a != "fedavg") + " |",
              "|---|---:|" + "---|" * len(algorithms) + "---:|" * (len(algorithms) - 1)]
     for split in splits:
-        keys = [(split, a) for a in algorithms if (split, a) in chosen]
-        budget = min(comms(run) for key in keys for run in chosen[key][1])
+        keys = [(split, a) for a in algorithms if (split, a) in chosen and _drawn(chosen[(split, a)][1], curves)]
+        if not keys:
+            continue
+        budget = min(comms(run) for key in keys for run in _drawn(chosen[key][1], curves))
         tests = {a: {run["seed"]: pick_epoch([r for r in curves[run["id"]]["history"]
                                               if (r.get("communications") or 0) <= budget], at
                                              ).get("test_accuracy")
-                     for run in chosen[(split, a)][1]} for _, a in keys}
+                     for run in _drawn(chosen[(split, a)][1], curves)} for _, a in keys}
         cells = []
         for a in algorithms:
             m, sd = mean_std(list(tests.get(a, {}).values()))
@@ -217,6 +230,11 @@ def _at_equal_communications(chosen, curves, splits, algorithms, at):
             cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f}")
         lines.append(f"| {split} | {budget} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _drawn(seeds, curves):
+    """The runs among ``seeds`` with per-round metrics (not restored from a table alone)."""
+    return [r for r in seeds if curves[r["id"]]["history"]]
 
 
 def _trend(chosen, curves, splits, algorithms, every=100):
@@ -232,19 +250,21 @@ def _trend(chosen, curves, splits, algorithms, every=100):
              "ending at each round, the chosen settings, mean over seeds (difference rows: paired "
              "by seed, in points):"]
     for split in splits:
-        keys = [(split, a) for a in algorithms if (split, a) in chosen]
+        keys = [(split, a) for a in algorithms if (split, a) in chosen and _drawn(chosen[(split, a)][1], curves)]
+        if not keys:
+            continue
         horizon = min(max((r.get("round") or 0 for r in curves[run["id"]]["history"]), default=0)
-                      for key in keys for run in chosen[key][1])
+                      for key in keys for run in _drawn(chosen[key][1], curves))
         marks = sorted({*range(every, horizon + 1, every), horizon} - {0})
         if not marks:
             continue
-        at = {a: {m: {run["seed"]: trailing(run, m) for run in chosen[(split, a)][1]} for m in marks}
-              for _, a in keys}
+        at = {a: {m: {run["seed"]: trailing(run, m) for run in _drawn(chosen[(split, a)][1], curves)}
+                  for m in marks} for _, a in keys}
         lines += ["", f"| {split} | " + " | ".join(f"round {m}" for m in marks) + " |",
                   "|---|" + "---:|" * len(marks)]
         for a in at:
             means = [mean_std(list(at[a][m].values()))[0] for m in marks]
-            lines.append(f"| {a} (n={len(chosen[(split, a)][1])}) | " + " | ".join(_pct(v) for v in means) + " |")
+            lines.append(f"| {a} (n={len(at[a][marks[0]])}) | " + " | ".join(_pct(v) for v in means) + " |")
         for a in at:
             if a == "fedavg" or "fedavg" not in at:
                 continue
@@ -266,9 +286,15 @@ def _plots(chosen, curves, splits, out):
 
     files = []
     for split in splits:
+        name = "test_accuracy_vs_rounds_" + "".join(ch if ch.isalnum() else "_" for ch in split) + ".png"
+        if not any(s == split and _drawn(seeds, curves) for (s, _), (_, seeds) in chosen.items()):
+            # Only table-only runs here: nothing to draw, and an older plot would be stale.
+            (out / name).unlink(missing_ok=True)
+            continue
         fig, (acc, var) = plt.subplots(1, 2, figsize=(11, 4))
-        for (s, algorithm), (_, seeds) in sorted(chosen.items()):
-            if s != split:
+        for (s, algorithm), (_, every_seed) in sorted(chosen.items()):
+            seeds = _drawn(every_seed, curves)
+            if s != split or not seeds:
                 continue
             xs, ys = seed_mean(seeds, "accuracy", 100)
             line, = acc.plot(xs, ys, marker=".", alpha=0.3)
@@ -288,7 +314,6 @@ def _plots(chosen, curves, splits, out):
             ax.grid(True, alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        name = "test_accuracy_vs_rounds_" + "".join(ch if ch.isalnum() else "_" for ch in split) + ".png"
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         files.append(out / name)

@@ -37,6 +37,9 @@ def record(run_dir, **fields) -> None:
 # What a run continued from a copy of another (sweeps/extend.py) inherited: that run's
 # name, epochs (rounds) and wall time, so that totals count compute once.
 CONTINUED_FROM = "continued_from.json"
+# A run put back from a report's results table alone (sweeps/archive.py): the row, the table
+# it came from and the reading it was made at.
+RESTORED = "restored.json"
 
 
 def provenance(run_dir, wall_time) -> dict:

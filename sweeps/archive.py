@@ -1,0 +1,137 @@
+"""A sweep's finished runs, kept where a fresh clone finds them.
+
+A sweep's run folders live on the machine that ran it (``runs/`` is not versioned), and
+a sweep that spans sessions must survive that machine being replaced. So a report written
+to a folder of its own also saves the records of every finished run there (``runs/<id>/``:
+config, summary, per-epoch metrics; no checkpoints or logs, a few kB to a few hundred kB a
+run), and ``python -m sweeps restore`` puts them back in the sweep's runs folder, where
+``run``, ``status`` and ``report`` find them as they were.
+
+Runs that finished before reports saved their records survive only as rows of the
+report's results.csv. Those are restored as *table-only* runs: the point's config from the
+spec, a finished summary, and the row itself (``restored.json``). A report reads such a
+run as the row says, only at the reading the table was made at, and draws no curve for it;
+it says how many it holds. Neither kind has a checkpoint, so neither is continued to a
+raised budget (sweeps/extend.py needs one): such a point runs from the start.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+from hvd_gradalign.checkpoint import write_text_atomic
+from sweeps import state
+
+RECORDS = "runs"
+RECORD_FILES = ("config.json", "summary.json", "metrics.json", "launcher.json", state.CONTINUED_FROM,
+                state.RESTORED)
+
+
+def save(runs_dir, out) -> int:
+    """Copy the records of every finished run in ``runs_dir`` to ``out/runs/<id>/``;
+    how many runs are saved there."""
+    saved = 0
+    for run_dir in state.run_dirs(runs_dir):
+        config = state.read_json(run_dir / "config.json")
+        if config is None or state.point_state(run_dir) != state.DONE:
+            continue
+        target = Path(out) / RECORDS / run_dir.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            if (run_dir / name).exists():
+                text = (run_dir / name).read_text()
+                if name == "launcher.json":  # which process ran it means nothing elsewhere
+                    text = json.dumps({k: v for k, v in json.loads(text).items()
+                                       if k in ("launcher", "workers", "state", "returncode")}, indent=1)
+                if not (target / name).exists() or (target / name).read_text() != text:
+                    write_text_atomic(target / name, text)
+        saved += 1
+    return saved
+
+
+def _move_in(staging: Path, run_dir: Path) -> None:
+    # The summary goes last: a restore cut short leaves a point that runs, never one that
+    # looks finished without its metrics.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(staging.iterdir(), key=lambda e: e.name == "summary.json"):
+        entry.replace(run_dir / entry.name)
+    staging.rmdir()
+
+
+def _number(text):
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def restore(sweep, source, at=None) -> dict:
+    """Put back the runs of ``sweep``'s points that have no folder yet: from the records in
+    ``source/runs/`` where there are some, otherwise (table-only) from the finished rows of
+    ``source/results.csv``, which were read ``at`` (best_val, final or last_mean: the
+    table does not say). Returns {"records": n, "table": n, "kept": n}: points restored
+    each way, and points left alone because they have a folder here."""
+    source = Path(source)
+    counts = {"records": 0, "table": 0, "kept": 0}
+    rows = {}
+    if (source / "results.csv").exists():
+        with open(source / "results.csv", newline="") as f:
+            rows = {r["id"]: r for r in csv.DictReader(f) if r.get("status") == "done"}
+    for point in sweep.points:
+        records = source / RECORDS / point.id
+        if not records.is_dir() and point.id not in rows:
+            continue
+        if point.run_dir.exists():
+            counts["kept"] += 1
+            continue
+        staging = point.run_dir.parent / f".{point.id}.restoring"
+        shutil.rmtree(staging, ignore_errors=True)
+        if records.is_dir():
+            shutil.copytree(records, staging)
+            counts["records"] += 1
+        else:
+            if at is None:
+                raise ValueError(f"{point.id} survives only as a row of {source / 'results.csv'}: say which "
+                                 "reading that table was made at (--at best_val, final or last_mean)")
+            row = {k: _number(v) for k, v in rows[point.id].items()}
+            staging.mkdir(parents=True)
+            write_text_atomic(staging / "config.json", json.dumps(point.config, indent=1))
+            write_text_atomic(staging / state.RESTORED, json.dumps(
+                {"from": str(source / "results.csv"), "at": at, "row": row}, indent=1))
+            done = row.get("epochs_done", row.get("rounds_done"))
+            write_text_atomic(staging / "summary.json", json.dumps(
+                {"status": "finished", "epochs_done": done, "rounds_done": done,
+                 "workers": row.get("workers", point.workers)}, indent=1))
+            counts["table"] += 1
+        _move_in(staging, point.run_dir)
+    return counts
+
+
+def restored_row(run_dir, at):
+    """The row a table-only run was restored from, or None for a run with its own records.
+    Raises if the report asks for another reading than the table was made at."""
+    restored = state.read_json(Path(run_dir) / state.RESTORED)
+    if restored is None:
+        return None
+    if restored["at"] != at:
+        raise ValueError(f"{Path(run_dir).name} was restored from a table read at {restored['at']} "
+                         f"({restored['from']}), without its per-epoch metrics: report with --at "
+                         f"{restored['at']}, or delete its folder and run it again")
+    return restored["row"]
+
+
+def restored_note(run_dirs) -> str:
+    """A report's line on its table-only runs, or ''."""
+    n = sum((Path(d) / state.RESTORED).exists() for d in run_dirs)
+    if not n:
+        return ""
+    return (f"\n{n} finished run(s) here were restored from the results table of an earlier report "
+            f"(`{state.RESTORED}` in each): their per-epoch metrics are lost, so they are read as that "
+            "table read them and no curve is drawn for them.\n")

@@ -1,0 +1,147 @@
+"""A sweep survives the machine that ran it: a report written elsewhere saves its runs'
+records, and `sweeps restore` puts them back (or, for runs older than that, their rows)."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from sweeps import archive, extend, state
+from sweeps import spec as sweep_spec
+from sweeps.report import report
+from tests.test_sweeps import FEDERATED_SPEC, REPO, sweeps_cli, write_spec
+
+
+def _finish(point, vals, tests, *, round_key="epoch"):
+    """A run folder as `python -m train` leaves a finished point: per-evaluation metrics
+    whose best validation is not the last (so the readings differ), and a checkpoint."""
+    d = point.run_dir
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(point.config))
+    (d / "summary.json").write_text(json.dumps({"status": "finished", "epochs_done": len(vals),
+                                                "rounds_done": len(vals), "workers": point.workers}))
+    history = [{round_key: i + 1, "accuracy": 0.9, "loss": 0.3, "train_loss": 0.3, "val_accuracy": v,
+                "test_accuracy": t, "images_per_sec": 100.0, "grad_variance": 1.0 + i,
+                "communications": 2 * (i + 1), "wall_time": 10.0 * (i + 1)}
+               for i, (v, t) in enumerate(zip(vals, tests))]
+    (d / "metrics.json").write_text(json.dumps(history))
+    (d / "launcher.json").write_text(json.dumps({"state": "exited", "pid": 123, "host": "elsewhere",
+                                                 "returncode": 0, "launcher": "local"}))
+    (d / "checkpoints").mkdir()
+    (d / "checkpoints" / "LATEST").write_text("ckpt")
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def finished_sweep(tmp_path):
+    """A 6-point sweep, every point finished, and its report published to ``out``."""
+    path = write_spec(tmp_path)
+    runs = tmp_path / "runs"
+    sweep = sweep_spec.load(path, runs)
+    for i, p in enumerate(sweep.points):
+        _finish(p, vals=[0.80 + i / 100, 0.85 + i / 100, 0.82], tests=[0.70, 0.75 + i / 100, 0.90])
+    out = tmp_path / "published"
+    first = report(runs / sweep.name, out, at="best_val")
+    return path, runs, sweep, out, first
+
+
+def test_a_published_report_carries_its_records_and_a_fresh_machine_gets_the_sweep_back(finished_sweep, tmp_path):
+    path, runs, sweep, out, first = finished_sweep
+    saved = sorted(p.name for p in (out / archive.RECORDS).iterdir())
+    assert saved == sorted(p.id for p in sweep.points)
+    kept = json.loads((out / archive.RECORDS / saved[0] / "launcher.json").read_text())
+    assert "pid" not in kept and "host" not in kept
+    assert not (out / archive.RECORDS / saved[0] / "checkpoints").exists()
+
+    shutil.rmtree(runs)  # the machine is gone; a fresh clone has the published folder
+    fresh = sweep_spec.load(path, runs)
+    assert {state.point_state(p.run_dir) for p in fresh.points} == {state.PENDING}
+    counts = archive.restore(fresh, out)
+    assert counts == {"records": 6, "table": 0, "kept": 0}
+    assert {state.point_state(p.run_dir) for p in fresh.points} == {state.DONE}
+    again = report(runs / sweep.name, tmp_path / "again", at="best_val")
+    assert again["table"] == first["table"]
+    assert _rows(tmp_path / "again" / "results.csv") == _rows(out / "results.csv")
+    # They can be read at any epoch: the per-epoch metrics came back.
+    assert "90.00" in report(runs / sweep.name, tmp_path / "final", at="final")["table"]
+    # A second restore leaves what is there alone.
+    assert archive.restore(fresh, out) == {"records": 0, "table": 0, "kept": 6}
+
+
+def test_runs_older_than_the_records_come_back_from_the_table_at_its_reading_only(finished_sweep, tmp_path):
+    path, runs, sweep, out, first = finished_sweep
+    shutil.rmtree(runs)
+    shutil.rmtree(out / archive.RECORDS)  # a report from before reports saved records
+    fresh = sweep_spec.load(path, runs)
+    with pytest.raises(ValueError, match="--at best_val, final or last_mean"):
+        archive.restore(fresh, out)
+    assert not runs.exists() or not any(runs.rglob("summary.json"))  # refused before writing
+    assert archive.restore(fresh, out, at="best_val") == {"records": 0, "table": 6, "kept": 0}
+    assert {state.point_state(p.run_dir) for p in fresh.points} == {state.DONE}
+    # Nothing to continue a raised budget from: those points run from the start.
+    assert extend._finished_runs(runs / sweep.name) == []
+
+    again = report(runs / sweep.name, tmp_path / "again", at="best_val")
+    note = archive.restored_note(state.run_dirs(runs / sweep.name))
+    assert "6 finished run(s)" in note and note in again["table"]
+    assert again["table"].replace(note, "") == first["table"]
+    assert _rows(tmp_path / "again" / "results.csv") == _rows(out / "results.csv")
+    with pytest.raises(ValueError, match="restored from a table read at best_val"):
+        report(runs / sweep.name, tmp_path / "final", at="final")
+    # The published folder now carries them as records (restored.json), so the table is
+    # no longer needed to restore them.
+    shutil.rmtree(runs)
+    assert archive.restore(sweep_spec.load(path, runs), tmp_path / "again") == {"records": 6, "table": 0, "kept": 0}
+    assert report(runs / sweep.name, tmp_path / "third", at="best_val")["table"] == again["table"]
+
+
+def test_restore_from_the_command_line_says_what_it_needs(finished_sweep, tmp_path):
+    path, runs, sweep, out, _ = finished_sweep
+    shutil.rmtree(runs)
+    shutil.rmtree(out / archive.RECORDS)
+    refused = sweeps_cli("restore", path, "--from", out, "--runs-root", runs)
+    assert refused.returncode == 2 and "--at best_val" in refused.stderr
+    missing = sweeps_cli("restore", path, "--from", tmp_path / "nowhere", "--runs-root", runs)
+    assert missing.returncode == 2 and "is not a folder" in missing.stderr
+    done = sweeps_cli("restore", path, "--from", out, "--at", "best_val", "--runs-root", runs)
+    assert done.returncode == 0, done.stderr
+    assert "0 run(s) from" in done.stdout and "6 from the rows" in done.stdout
+    status = sweeps_cli("status", path, "--runs-root", runs)
+    assert "6 done, 0 running, 0 failed, 0 interrupted, 0 pending" in status.stdout
+
+
+def test_a_federated_report_draws_curves_only_for_runs_with_their_rounds(tmp_path):
+    path = tmp_path / "fed.toml"
+    path.write_text(FEDERATED_SPEC.format(name="fed", repo=REPO, workers=1)
+                    .replace('algorithm = ["scaffold", "fedga"]', 'algorithm = ["fedavg", "fedga"]')
+                    .replace("seed = [0]", "seed = [0, 1]"))
+    runs = tmp_path / "runs"
+    sweep = sweep_spec.load(path, runs)
+    for i, p in enumerate(sweep.points):
+        _finish(p, vals=[0.5, 0.6 + i / 100], tests=[0.5, 0.6 + i / 100], round_key="round")
+    out = tmp_path / "published"
+    first = report(runs / "fed", out, at="best_val")
+    assert "(n=2)" in first["table"].split("Where the curves flatten")[1]
+    # Lose two runs' records (one per algorithm): they come back from the table alone.
+    lost = [p for p in sweep.points if p.config["train"]["seed"] == 1]
+    for p in lost:
+        shutil.rmtree(out / archive.RECORDS / p.id)
+    shutil.rmtree(runs)
+    assert archive.restore(sweep_spec.load(path, runs), out, at="best_val") == {"records": 2, "table": 2, "kept": 0}
+    again = report(runs / "fed", tmp_path / "again", at="best_val")
+    assert _rows(tmp_path / "again" / "results.csv") == _rows(out / "results.csv")
+    table, trend = again["table"].split("At equal communications")
+    assert table == first["table"].split("At equal communications")[0]  # every seed in the tables
+    assert "(n=1)" in trend and "(n=2)" not in trend and "2 finished run(s) here were restored" in trend
+    assert all(f.stat().st_size > 1000 for f in again["plots"])
+    # With only table-only runs left there is nothing to draw, and the older plot goes.
+    for p in sweep.points:
+        if not (p.run_dir / state.RESTORED).exists():
+            shutil.rmtree(p.run_dir)
+    assert report(runs / "fed", tmp_path / "again", at="best_val")["plots"] == []
+    assert not list((tmp_path / "again").glob("*.png"))
