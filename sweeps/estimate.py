@@ -42,6 +42,15 @@ def measured_rates(runs_dir) -> dict:
     seconds = defaultdict(list)
     for run_dir in state.run_dirs(runs_dir):
         config = state.read_json(run_dir / "config.json")
+        restored = state.read_json(run_dir / state.RESTORED)
+        if config and restored:
+            # A table-only run (sweeps/archive.py): its row's totals; a continued one's row
+            # does not say how much it copied, so it does not count.
+            row = restored["row"]
+            done = row.get("epochs_done", row.get("rounds_done"))
+            if done and row.get("wall_time") and not row.get("continued_from"):
+                seconds[cost_key(config)].append(row["wall_time"] / done)
+            continue
         history = state.read_json(run_dir / "metrics.json") or []
         if not config or not history or history[-1].get("wall_time") is None:
             continue

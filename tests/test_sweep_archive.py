@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from sweeps import archive, extend, state
+from sweeps import archive, estimate, extend, state
 from sweeps import spec as sweep_spec
 from sweeps.report import report
 from tests.test_sweeps import FEDERATED_SPEC, REPO, sweeps_cli, write_spec
@@ -75,6 +75,7 @@ def test_a_published_report_carries_its_records_and_a_fresh_machine_gets_the_swe
 
 def test_runs_older_than_the_records_come_back_from_the_table_at_its_reading_only(finished_sweep, tmp_path):
     path, runs, sweep, out, first = finished_sweep
+    rates = estimate.measured_rates(runs / sweep.name)
     shutil.rmtree(runs)
     shutil.rmtree(out / archive.RECORDS)  # a report from before reports saved records
     fresh = sweep_spec.load(path, runs)
@@ -85,6 +86,8 @@ def test_runs_older_than_the_records_come_back_from_the_table_at_its_reading_onl
     assert {state.point_state(p.run_dir) for p in fresh.points} == {state.DONE}
     # Nothing to continue a raised budget from: those points run from the start.
     assert extend._finished_runs(runs / sweep.name) == []
+    # `status` still knows what a point costs, from the rows' wall times.
+    assert estimate.measured_rates(runs / sweep.name) == rates and rates
 
     again = report(runs / sweep.name, tmp_path / "again", at="best_val")
     note = archive.restored_note(state.run_dirs(runs / sweep.name))
