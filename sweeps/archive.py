@@ -41,13 +41,16 @@ def save(runs_dir, out) -> int:
         target = Path(out) / RECORDS / run_dir.name
         target.mkdir(parents=True, exist_ok=True)
         for name in RECORD_FILES:
-            if (run_dir / name).exists():
-                text = (run_dir / name).read_text()
-                if name == "launcher.json":  # which process ran it means nothing elsewhere
-                    text = json.dumps({k: v for k, v in json.loads(text).items()
-                                       if k in ("launcher", "workers", "state", "returncode")}, indent=1)
-                if not (target / name).exists() or (target / name).read_text() != text:
-                    write_text_atomic(target / name, text)
+            if not (run_dir / name).exists():
+                # e.g. the restored.json of a table-only run that has since been run again
+                (target / name).unlink(missing_ok=True)
+                continue
+            text = (run_dir / name).read_text()
+            if name == "launcher.json":  # which process ran it means nothing elsewhere
+                text = json.dumps({k: v for k, v in json.loads(text).items()
+                                   if k in ("launcher", "workers", "state", "returncode")}, indent=1)
+            if not (target / name).exists() or (target / name).read_text() != text:
+                write_text_atomic(target / name, text)
         saved += 1
     return saved
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps import archive
-from sweeps.archive import restored_row
 from sweeps.selection import AT, best_setting, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json, run_dirs
 from train.config import budget, is_federated
@@ -79,7 +78,7 @@ def collect(runs_dir, at="final") -> list[dict]:
         # point.toml still says what it was.
         planned = tomllib.loads((run_dir / "point.toml").read_text()) if (run_dir / "point.toml").exists() else None
         config = read_json(run_dir / "config.json") or planned
-        restored = restored_row(run_dir, at)
+        restored = archive.restored_row(run_dir, at)
         if restored is not None:
             rows.append({**{k: restored.get(k) for k in COLUMNS}, "id": run_dir.name,
                          "status": point_state(run_dir, wanted=budget(config)),
@@ -409,7 +408,8 @@ def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
                               for (b, o), v in sorted(per.items()))
                   + f". Total over {len(walls)} points: {own / 3600:.2f} h"
                   + (" (a continued run counts only its own part)" if own < sum(walls) else "") + ".\n")
-    text = header + table + _other_budgets_note(other_budget) + archive.restored_note(run_dirs(runs_dir)) + ("\n" + recovery if recovery else "") + timing
+    text = (header + table + _other_budgets_note(other_budget) + archive.restored_note(run_dirs(runs_dir))
+            + ("\n" + recovery if recovery else "") + timing)
     write_text_atomic(out / "table.md", text)
     files = plots(rows, chosen, out) if chosen else []
     print(text)

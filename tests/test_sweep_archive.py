@@ -101,6 +101,16 @@ def test_runs_older_than_the_records_come_back_from_the_table_at_its_reading_onl
     shutil.rmtree(runs)
     assert archive.restore(sweep_spec.load(path, runs), tmp_path / "again") == {"records": 6, "table": 0, "kept": 0}
     assert report(runs / sweep.name, tmp_path / "third", at="best_val")["table"] == again["table"]
+    # A table-only point run again from the start has its own metrics: the next report's
+    # records are a full run's, which a restore brings back as one.
+    again_run = sweep.points[0]
+    shutil.rmtree(again_run.run_dir)
+    _finish(again_run, vals=[0.5, 0.6], tests=[0.5, 0.6])
+    report(runs / sweep.name, tmp_path / "third", at="best_val")
+    assert not (tmp_path / "third" / archive.RECORDS / again_run.id / state.RESTORED).exists()
+    shutil.rmtree(runs)
+    archive.restore(sweep_spec.load(path, runs), tmp_path / "third")
+    assert not (again_run.run_dir / state.RESTORED).exists() and (again_run.run_dir / "metrics.json").exists()
 
 
 def test_restore_from_the_command_line_says_what_it_needs(finished_sweep, tmp_path):
