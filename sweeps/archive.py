@@ -24,6 +24,7 @@ from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_text_atomic
 from sweeps import state
+from train.config import budget
 
 RECORDS = "runs"
 RECORD_FILES = ("config.json", "summary.json", "metrics.json", "launcher.json", state.CONTINUED_FROM,
@@ -35,8 +36,7 @@ def save(runs_dir, out) -> int:
     how many runs are saved there."""
     saved = 0
     for run_dir in state.run_dirs(runs_dir):
-        config = state.read_json(run_dir / "config.json")
-        if config is None or state.point_state(run_dir) != state.DONE:
+        if not (run_dir / "config.json").exists() or state.point_state(run_dir) != state.DONE:
             continue
         target = Path(out) / RECORDS / run_dir.name
         target.mkdir(parents=True, exist_ok=True)
@@ -53,15 +53,6 @@ def save(runs_dir, out) -> int:
                 write_text_atomic(target / name, text)
         saved += 1
     return saved
-
-
-def _move_in(staging: Path, run_dir: Path) -> None:
-    # The summary goes last: a restore cut short leaves a point that runs, never one that
-    # looks finished without its metrics.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(staging.iterdir(), key=lambda e: e.name == "summary.json"):
-        entry.replace(run_dir / entry.name)
-    staging.rmdir()
 
 
 def _number(text):
@@ -113,7 +104,7 @@ def restore(sweep, source, at=None) -> dict:
                 {"status": "finished", "epochs_done": done, "rounds_done": done,
                  "workers": row.get("workers", point.workers)}, indent=1))
             counts["table"] += 1
-        _move_in(staging, point.run_dir)
+        state.move_in(staging, point.run_dir)
     return counts
 
 
@@ -128,6 +119,17 @@ def restored_row(run_dir, at):
                          f"({restored['from']}), without its per-epoch metrics: report with --at "
                          f"{restored['at']}, or delete its folder and run it again")
     return restored["row"]
+
+
+def restored_result(run_dir, at, columns, config):
+    """A report's row for a table-only run (its table's values of ``columns``, with its id,
+    state and what it continued from), or None for a run with its own records."""
+    restored = restored_row(run_dir, at)
+    if restored is None:
+        return None
+    return {**{k: restored.get(k) for k in columns}, "id": Path(run_dir).name,
+            "status": state.point_state(run_dir, wanted=budget(config)),
+            "continued_from": restored.get("continued_from") or ""}
 
 
 def restored_note(run_dirs) -> str:

@@ -90,11 +90,6 @@ def continue_from_predecessor(point, found: tuple[Path, int]) -> bool:
         history = state.read_json(staging / "metrics.json") or [{}]
         write_text_atomic(staging / state.CONTINUED_FROM, json.dumps(
             {"run": source.name, "epochs_done": found[1], "wall_time": history[-1].get("wall_time", 0.0)}))
-        last = {"checkpoints": 1, "summary.json": 2}  # until both are in, it resumes or starts over
-        for entry in sorted(staging.iterdir(), key=lambda e: last.get(e.name, 0)):
-            target = point.run_dir / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            entry.replace(target)
-        staging.rmdir()
+        # Until both are in, it resumes or starts over.
+        state.move_in(staging, point.run_dir, last=("checkpoints", "summary.json"))
     return True

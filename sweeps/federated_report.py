@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
-from sweeps.archive import restored_note, restored_row
+from sweeps.archive import restored_note, restored_result
 from sweeps.selection import TAIL, best_setting, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json
 from train.config import budget, is_federated
@@ -37,11 +37,9 @@ def collect(run_dirs, at="final"):
         config = read_json(run_dir / "config.json")
         if config is None or not is_federated(config):
             continue
-        restored = restored_row(run_dir, at)
+        restored = restored_result(run_dir, at, COLUMNS, config)
         if restored is not None:
-            rows.append({**{k: restored.get(k) for k in COLUMNS}, "id": run_dir.name,
-                         "status": point_state(run_dir, wanted=budget(config)),
-                         "continued_from": restored.get("continued_from") or ""})
+            rows.append(restored)
             curves[run_dir.name] = {"accuracy": [], "variance": [], "history": []}
             continue
         history = read_json(run_dir / "metrics.json") or []

@@ -78,11 +78,9 @@ def collect(runs_dir, at="final") -> list[dict]:
         # point.toml still says what it was.
         planned = tomllib.loads((run_dir / "point.toml").read_text()) if (run_dir / "point.toml").exists() else None
         config = read_json(run_dir / "config.json") or planned
-        restored = archive.restored_row(run_dir, at)
+        restored = archive.restored_result(run_dir, at, COLUMNS, config)
         if restored is not None:
-            rows.append({**{k: restored.get(k) for k in COLUMNS}, "id": run_dir.name,
-                         "status": point_state(run_dir, wanted=budget(config)),
-                         "continued_from": restored.get("continued_from") or ""})
+            rows.append(restored)
             continue
         summary = read_json(run_dir / "summary.json") or {}
         launcher = read_json(run_dir / "launcher.json") or {}

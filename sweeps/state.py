@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -48,6 +49,22 @@ def provenance(run_dir, wall_time) -> dict:
     copied = read_json(Path(run_dir) / CONTINUED_FROM) or {}
     own = None if wall_time is None else wall_time - copied.get("wall_time", 0.0)
     return {"continued_from": copied.get("run", ""), "own_wall_time": own}
+
+
+def move_in(staging, run_dir, last=("summary.json",)) -> None:
+    """Move everything in the folder ``staging`` into ``run_dir`` (replacing what is there),
+    the entries named in ``last`` last and in that order, then remove ``staging``. A move cut
+    short then leaves a point that runs or resumes, never one that looks finished without
+    what its summary relies on."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    order = {name: i + 1 for i, name in enumerate(last)}
+    for entry in sorted(Path(staging).iterdir(), key=lambda e: order.get(e.name, 0)):
+        target = run_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        entry.replace(target)
+    Path(staging).rmdir()
 
 
 def run_dirs(runs_dir) -> list[Path]:
