@@ -158,3 +158,16 @@ def test_a_federated_report_draws_curves_only_for_runs_with_their_rounds(tmp_pat
             shutil.rmtree(p.run_dir)
     assert report(runs / "fed", tmp_path / "again", at="best_val")["plots"] == []
     assert not list((tmp_path / "again").glob("*.png"))
+
+
+def test_the_records_a_report_saves_in_the_repository_are_not_ignored_by_git():
+    # They are what `restore` reads on a fresh machine; an ignore rule for the sweeps'
+    # working folder (`runs/` at the top) once hid them from every commit.
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    import subprocess
+    record = f"docs/results/any_sweep/{archive.RECORDS}/0123456789ab/{archive.RECORD_FILES[0]}"
+    check = subprocess.run(["git", "check-ignore", "-v", record], cwd=REPO, capture_output=True, text=True)
+    assert check.returncode == 1, f"git ignores sweep records: {check.stdout.strip()}"
+    working = subprocess.run(["git", "check-ignore", "-q", "runs/some_sweep/0123456789ab/config.json"], cwd=REPO)
+    assert working.returncode == 0  # the sweeps' working folder stays out of git
