@@ -4,6 +4,7 @@ records, and `sweeps restore` puts them back (or, for runs older than that, thei
 import csv
 import json
 import shutil
+import subprocess
 
 import pytest
 
@@ -165,7 +166,6 @@ def test_the_records_a_report_saves_in_the_repository_are_not_ignored_by_git():
     # working folder (`runs/` at the top) once hid them from every commit.
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    import subprocess
     record = f"docs/results/any_sweep/{archive.RECORDS}/0123456789ab/{archive.RECORD_FILES[0]}"
     check = subprocess.run(["git", "check-ignore", "-v", record], cwd=REPO, capture_output=True, text=True)
     assert check.returncode == 1, f"git ignores sweep records: {check.stdout.strip()}"
