@@ -210,6 +210,13 @@ def test_tfds_path_with_mock_cifar10_and_augmentation(tmp_path):
         x, y = next(iter(p.train_stream(0)))
         assert p.info.input_shape == (32, 32, 3) and p.info.num_classes == 10
         assert x.shape == (8, 32, 32, 3) and y.shape == (8,)
+        plain = data.make_pipelines("cifar10", str(tmp_path), rank=0, size=2, global_batch=16, seed=0,
+                                    augment=False, test_samples=0)
+        x_plain, y_plain = next(iter(plain.train_stream(0)))
+    # augment changes the images a run trains on (same samples, same order), not its clean metrics
+    np.testing.assert_array_equal(y, y_plain)
+    assert not np.allclose(x, x_plain)
+    np.testing.assert_array_equal(next(iter(p.train_eval))[0], next(iter(plain.train_eval))[0])
 
 
 def _schedule(config, steps_per_epoch):
@@ -332,3 +339,36 @@ def test_messages_found_by_a_new_user():
     assert load(["--lr-scaling", "none"])["optim"]["lr_scaling"] == "none"
     with pytest.raises(ValueError, match=r"unknown dataset 'foo_bar': no tensorflow-datasets builder"):
         data.get_builder("foo_bar")
+
+
+def test_every_optim_key_reaches_the_optimizer_the_run_builds(hvd):
+    """Each [optim] key changes what `python -m train` hands Keras, not only the config."""
+    import keras
+
+    import hvd_gradalign as hga
+    from train.run import build_optimizer
+
+    def built(*argv):
+        return build_optimizer(load(["--batch-size", "1024", *argv]), 10, 1)
+
+    base = built("--optimizer", "sgd", "--lr", "0.1")
+    inner = base.inner_optimizer
+    assert isinstance(base, hga.GradAlign) and base.beta == 0.0  # log_alignment: β = 0 plus V
+    plain = built("--optimizer", "sgd", "--set", "optim.log_alignment=false")
+    assert isinstance(plain, hga.DistributedOptimizer) and not isinstance(plain, hga.GradAlign)
+    assert inner.momentum == 0.9 and not inner.nesterov and inner.weight_decay is None
+    assert inner.global_clipnorm is None
+    assert float(inner._learning_rate(0)) == pytest.approx(0.8)  # linear from reference_batch 128
+    assert float(built("--lr", "0.1", "--set", "optim.reference_batch=256")
+                 .inner_optimizer._learning_rate(0)) == pytest.approx(0.4)
+    assert float(built("--lr", "0.1", "--lr-scaling", "sqrt")
+                 .inner_optimizer._learning_rate(0)) == pytest.approx(0.1 * math.sqrt(8))
+    assert isinstance(built("--inner", "adam").inner_optimizer, keras.optimizers.Adam)
+    sgd = built("--set", "optim.momentum=0.5", "--nesterov", "true", "--set", "optim.weight_decay=1e-4",
+                "--set", "optim.clipnorm=2.0").inner_optimizer
+    assert (sgd.momentum, sgd.nesterov, sgd.weight_decay, sgd.global_clipnorm) == (0.5, True, 1e-4, 2.0)
+    ga = built("--optimizer", "gradalign", "--beta", "0.3", "--micro-batches", "8")
+    assert (ga.beta, ga.micro_batches) == (0.3, 8)
+    assert built("--optimizer", "gradalign", "--set", "optim.micro_batch_size=128").micro_batches == 8
+    follows = built("--optimizer", "gradalign", "--lr", "0.1", "--beta", "0.2", "--set", "optim.beta_follows_lr=true")
+    assert follows.beta is None and follows.beta_lr_ratio == pytest.approx(0.2 / 0.8)
