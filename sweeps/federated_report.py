@@ -96,6 +96,7 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
     lines += _against_fedavg(chosen, splits, algorithms)
     lines += _at_equal_communications(chosen, curves, splits, algorithms, at)
     lines += _trend(chosen, curves, splits, algorithms)
+    lines += _curves_left_out(chosen, curves)
     timed = [r for r in rows if r["status"] == "done" and r["wall_time"]]
     walls = [r["wall_time"] for r in timed]
     own = sum(r["own_wall_time"] for r in timed)
@@ -228,6 +229,19 @@ def _at_equal_communications(chosen, curves, splits, algorithms, at):
             cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f}")
         lines.append(f"| {split} | {budget} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _curves_left_out(chosen, curves):
+    """Says which chosen runs the curve tables above could not read, since a cell's n there
+    can then be below the main table's and its seeds need not be the other cells' seeds."""
+    left = sorted((split, a, r["seed"]) for (split, a), (_, seeds) in chosen.items()
+                  for r in seeds if not curves[r["id"]]["history"])
+    if not left:
+        return []
+    return ["", "The equal-communications and trend tables read only runs with their per-round "
+            "metrics; these chosen runs were restored from a results table without them and are "
+            "left out there (so n and the seeds differ between those cells): "
+            + "; ".join(f"{split} {a} seed {seed}" for split, a, seed in left) + "."]
 
 
 def _drawn(seeds, curves):

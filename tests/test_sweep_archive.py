@@ -152,6 +152,10 @@ def test_a_federated_report_draws_curves_only_for_runs_with_their_rounds(tmp_pat
     table, trend = again["table"].split("At equal communications")
     assert table == first["table"].split("At equal communications")[0]  # every seed in the tables
     assert "(n=1)" in trend and "(n=2)" not in trend and "2 finished run(s) here were restored" in trend
+    # and the report names the runs the curve tables left out, which the first had none of
+    left_out = "restored from a results table without them"
+    assert left_out not in first["table"]
+    assert left_out in trend and "fedavg seed 1; " in trend and "fedga seed 1." in trend
     assert all(f.stat().st_size > 1000 for f in again["plots"])
     # With only table-only runs left there is nothing to draw, and the older plot goes.
     for p in sweep.points:
