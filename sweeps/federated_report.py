@@ -235,7 +235,7 @@ def _curves_left_out(chosen, curves):
     """Says which chosen runs the curve tables above could not read, since a cell's n there
     can then be below the main table's and its seeds need not be the other cells' seeds."""
     left = sorted((split, a, r["seed"]) for (split, a), (_, seeds) in chosen.items()
-                  for r in seeds if not curves[r["id"]]["history"])
+                  for r in seeds if not _has_curve(r, curves))
     if not left:
         return []
     return ["", "The equal-communications and trend tables read only runs with their per-round "
@@ -244,9 +244,14 @@ def _curves_left_out(chosen, curves):
             + "; ".join(f"{split} {a} seed {seed}" for split, a, seed in left) + "."]
 
 
+def _has_curve(run, curves):
+    """Whether ``run`` kept its per-round metrics (not restored from a results table alone)."""
+    return bool(curves[run["id"]]["history"])
+
+
 def _drawn(seeds, curves):
-    """The runs among ``seeds`` with per-round metrics (not restored from a table alone)."""
-    return [r for r in seeds if curves[r["id"]]["history"]]
+    """The runs among ``seeds`` whose curves the tables can read."""
+    return [r for r in seeds if _has_curve(r, curves)]
 
 
 def _trend(chosen, curves, splits, algorithms, every=100):
