@@ -10,8 +10,9 @@ Selection: for every (global batch, optimizer) the table shows the setting
 *validation* accuracy, so that each optimizer, the large-batch baseline
 included, is shown at its best, chosen without looking at the test set. Settings
 are compared on the mean over the seeds they all have (a sweep may tune on one
-seed and then run the chosen setting on more). Without a validation split the
-lowest training loss decides, and the table says so.
+seed and then run the chosen setting on more); on an exact tie the smaller setting
+(smaller lr, then smaller β) wins. Without a validation split the lowest training
+loss decides, and the table says so.
 
 Budgets: a batch whose budget was raised or piloted has finished runs of one setting at
 several budgets, the shorter a prefix of the longer (sweeps/extend.py). They are never

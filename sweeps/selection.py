@@ -46,10 +46,22 @@ def mean_std(values):
 
 
 def best_setting(settings, key, better):
+    """The setting (a tuple of grid values) whose seeds score best on ``key``, over the
+    seeds that all settings share. On an exact tie the smaller setting wins (compared
+    value by value: smaller lr, then smaller β, ...), the one nearer plain SGD, so that
+    a value bracketing the choice from above must beat it to move it, whatever order the
+    runs were read in."""
     common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))
 
     def score(s):
         m = mean_std([r[key] for r in settings[s] if not common or r["seed"] in common])[0]
         return m if m is not None else (-math.inf if better is max else math.inf)
 
-    return better(settings, key=score)
+    # max and min keep the first of equal scores
+    return better(sorted(settings, key=_smaller_first), key=score)
+
+
+def _smaller_first(setting):
+    # numbers before text and None, so that a grid value missing in one setting still compares
+    return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 else (1, 0, str(v)) for v in setting)

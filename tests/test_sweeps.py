@@ -445,6 +445,22 @@ def test_report_selects_on_validation_not_test(tmp_path):
     assert "70.00 ± 0.00" in result["table"] and "lr=0.1" in result["table"]
 
 
+@pytest.mark.parametrize("order", [(0.2, 0.1), (0.1, 0.2)])
+def test_an_exact_tie_on_validation_goes_to_the_smaller_setting_in_any_order(order):
+    """β 0.1 and β 0.2 at full batch both read 4,478 of 5,000 validation images: the
+    smaller β is chosen whichever was read first (before, the first one read won); a
+    strictly better value still wins, and a setting without β sorts after the numbers."""
+    from sweeps.selection import best_setting
+
+    run = lambda val, seed=0: {"seed": seed, "val_accuracy": val}
+    tie = {(0.05, beta): [run(4478 / 5000)] for beta in order}
+    assert best_setting(tie, "val_accuracy", max) == (0.05, 0.1)
+    assert best_setting({**tie, (0.05, 0.4): [run(4479 / 5000)]}, "val_accuracy", max) == (0.05, 0.4)
+    assert best_setting({(0.05, None): [run(0.8)], (0.05, 0.1): [run(0.8)]}, "val_accuracy", max) == (0.05, 0.1)
+    losses = {(lr, 0.0): [{"seed": 0, "train_loss": 0.3}] for lr in (0.4, 0.2)}
+    assert best_setting(losses, "train_loss", min) == (0.2, 0.0)
+
+
 def test_one_launcher_continues_a_shorter_run_that_it_finished_itself(tmp_path):
     """Both budgets in one spec, both pending when the launcher starts: the longer point
     is seeded when its turn comes, from the shorter run the same launcher just finished."""
