@@ -11,7 +11,7 @@ Selection: for every (global batch, optimizer) the table shows the setting
 included, is shown at its best, chosen without looking at the test set. Settings
 are compared on the mean over the seeds they all have (a sweep may tune on one
 seed and then run the chosen setting on more); on an exact tie the smaller setting
-(smaller lr, then smaller β) wins. Without a validation split the lowest training
+wins, compared value by value in SETTING_KEYS order (lr, lr_scaling, warmup, β, epochs). Without a validation split the lowest training
 loss decides, and the table says so.
 
 Budgets: a batch whose budget was raised or piloted has finished runs of one setting at

@@ -48,7 +48,7 @@ def mean_std(values):
 def best_setting(settings, key, better):
     """The setting (a tuple of grid values) whose seeds score best on ``key``, over the
     seeds that all settings share. On an exact tie the smaller setting wins (compared
-    value by value: smaller lr, then smaller β, ...), the one nearer plain SGD, so that
+    value by value in the caller's key order, lr first), the one nearer plain SGD, so that
     a value bracketing the choice from above must beat it to move it, whatever order the
     runs were read in."""
     common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))
