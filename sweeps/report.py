@@ -173,6 +173,15 @@ def apply_choice(rows, chosen, subset):
     return out
 
 
+def _grad_variance(r):
+    """V, where it means something: over a single micro-batch (one worker, m = 1) the mean
+    is that micro-batch's gradient and V is rounding error, which a log axis would draw
+    as a value many decades below the others."""
+    if (r.get("workers") or 2) * (r.get("micro_batches") or 2) < 2:
+        return None
+    return r["grad_variance"]
+
+
 def _gap(r):
     """train − test accuracy, from a clean evaluation of the training set only: Keras'
     running mean over an epoch trails the model and would make the gap look negative."""
@@ -265,7 +274,7 @@ def _difference(sgd, ga) -> str:
     return f"{100 * (g_m - s_m):+.2f} ± {100 * math.sqrt(g_s ** 2 / n_g + s_s ** 2 / n_s):.2f}"
 
 
-def _errorbar(ax, chosen, optimizer, key, scale):
+def _errorbar(ax, chosen, optimizer, key, scale, color=None):
     xs, ms, ss = [], [], []
     for (b, o), (_, seeds, _) in sorted(chosen.items()):
         if o != optimizer:
@@ -276,10 +285,14 @@ def _errorbar(ax, chosen, optimizer, key, scale):
             ms.append(m * scale)
             ss.append(s * scale)
     if xs:
-        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=optimizer)
+        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=optimizer, color=color)
 
 
-def plots(rows, chosen, out: Path) -> list[Path]:
+def plots(rows, by_subset, out: Path) -> list[Path]:
+    """The curves against batch size, one panel per training subset side by side
+    (``by_subset``: [(subset_seed, chosen)], the subset the settings were chosen on
+    first), on a shared y axis so that a reader sees at once whether what holds on the
+    subset the choices were made on also holds on one that played no part in them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,32 +301,39 @@ def plots(rows, chosen, out: Path) -> list[Path]:
     files = []
     panels = [(lambda r: r["test_accuracy"], "test accuracy", "test_accuracy_vs_batch.png", 100.0),
               (_gap, "train − test accuracy", "gap_vs_batch.png", 100.0),
-              (lambda r: r["grad_variance"], "gradient variance V", "grad_variance_vs_batch.png", 1.0),
+              (_grad_variance, "gradient variance V", "grad_variance_vs_batch.png", 1.0),
               (lambda r: r["images_per_sec"], "images / s (median epoch)", "throughput_vs_batch.png", 1.0)]
-    optimizers = sorted({o for _, o in chosen})
-    sgd_batches = [b for b, o in chosen if o == "sgd"]
+    # one colour per optimizer in every panel, whichever optimizers a subset has
+    colors = {o: f"C{i}" for i, o in enumerate(sorted({o for _, chosen in by_subset for _, o in chosen}))}
     for key, label, name, scale in panels:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for o in optimizers:
-            _errorbar(ax, chosen, o, key, scale)
-        if name == "test_accuracy_vs_batch.png" and sgd_batches:
-            small = min(sgd_batches)
-            m, s = mean_std([r["test_accuracy"] for r in chosen[(small, "sgd")][1]])
-            ax.axhline(100 * m, color="grey", ls="--", label=f"SGD at batch {small}")
-            ax.axhspan(100 * (m - s), 100 * (m + s), color="grey", alpha=0.15)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("global batch size")
-        ax.set_ylabel(label + (" (%)" if scale == 100.0 else ""))
-        if name == "grad_variance_vs_batch.png":
-            ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a panel with no measured value has nothing to name
-            ax.legend()
+        fig, axes = plt.subplots(1, len(by_subset), figsize=(6 * len(by_subset), 4), sharex=True, sharey=True,
+                                 squeeze=False)
+        for i, (ax, (subset, chosen)) in enumerate(zip(axes[0], by_subset)):
+            for o in sorted({o for _, o in chosen}):
+                _errorbar(ax, chosen, o, key, scale, colors[o])
+            sgd_batches = [b for b, o in chosen if o == "sgd"]
+            if name == "test_accuracy_vs_batch.png" and sgd_batches:
+                small = min(sgd_batches)
+                m, s = mean_std([r["test_accuracy"] for r in chosen[(small, "sgd")][1]])
+                ax.axhline(100 * m, color="grey", ls="--", label=f"SGD at batch {small}")
+                ax.axhspan(100 * (m - s), 100 * (m + s), color="grey", alpha=0.15)
+            if len(by_subset) > 1:
+                ax.set_title(f"subset_seed {subset} " + ("(settings chosen here)" if i == 0
+                                                         else f"(settings from subset_seed {by_subset[0][0]})"))
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("global batch size")
+            if i == 0:
+                ax.set_ylabel(label + (" (%)" if scale == 100.0 else ""))
+            if name == "grad_variance_vs_batch.png":
+                ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:  # a panel with no measured value has nothing to name
+                ax.legend()
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         files.append(out / name)
-    beta_plot = _beta_curve(rows, chosen, out, plt)
+    beta_plot = _beta_curve(rows, by_subset[0][1], out, plt)
     return files + ([beta_plot] if beta_plot else [])
 
 
@@ -385,6 +405,7 @@ def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
     chosen = select([r for r in rows if r["subset_seed"] == subsets[0]])
     table = markdown_table(rows, chosen, at) if chosen else "No finished points yet.\n"
     recovery = recovery_table(chosen) if chosen else ""
+    by_subset = [(subsets[0], chosen)] if chosen else []
     if len(subsets) > 1:
         table = f"### subset_seed {subsets[0]} (every setting chosen here)\n\n" + table
         recovery = f"subset_seed {subsets[0]}:\n\n" + recovery if recovery else ""
@@ -394,6 +415,7 @@ def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
                       + (markdown_table(rows, applied, at) if applied else "No finished points yet.\n"))
             if applied:
                 recovery += f"\nsubset_seed {subset}:\n\n" + recovery_table(applied)
+                by_subset.append((subset, applied))
     per = defaultdict(list)
     for r in every_run:
         if r["status"] == "done" and r["wall_time"]:
@@ -410,7 +432,7 @@ def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
     text = (header + table + _other_budgets_note(other_budget) + archive.restored_note(run_dirs(runs_dir))
             + ("\n" + recovery if recovery else "") + timing)
     write_text_atomic(out / "table.md", text)
-    files = plots(rows, chosen, out) if chosen else []
+    files = plots(rows, by_subset, out) if by_subset else []
     print(text)
     print(f"wrote {out / 'results.csv'}, {out / 'table.md'}" + "".join(f", {f}" for f in files))
     return {"rows": rows, "chosen": chosen, "table": text, "plots": files}

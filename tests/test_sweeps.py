@@ -542,11 +542,19 @@ def test_recovery_table_gives_the_difference_its_standard_error_and_the_gap_reco
 def test_report_chooses_on_the_first_subset_and_applies_it_to_the_second(tmp_path):
     """On subset B the lr that validates best is 0.2; the report must still show the lr
     chosen on subset A (0.1): subset B plays no part in any choice."""
+    import matplotlib.pyplot as plt
+
     runs = tmp_path / "runs"
     points = [(0, 0.1, 0.90, 0.70), (0, 0.2, 0.80, 0.95), (1, 0.1, 0.70, 0.60), (1, 0.2, 0.99, 0.99)]
+    width = lambda name: plt.imread(runs / name).shape[1]
     for i, (subset, lr, val, test) in enumerate(points):
         fake_run(runs / f"p{i}", lr=lr, val=val, test=test, data={"train_samples": 100, "subset_seed": subset})
+        if i == 1:
+            report(runs)
+            one_subset = {name: width(name) for name in ("test_accuracy_vs_batch.png", "gap_vs_batch.png")}
     result = report(runs)
+    # the curves get a panel per subset, side by side: subset B is drawn, not only tabled
+    assert all(width(name) == 2 * w for name, w in one_subset.items())
     a, b = result["table"].split("### subset_seed 1")
     assert "### subset_seed 0 (every setting chosen here)" in a and "70.00 ± 0.00" in a and "lr=0.1" in a
     assert "60.00 ± 0.00" in b and "lr=0.1" in b and "99.00" not in b
@@ -782,3 +790,14 @@ def test_a_federated_setting_that_cannot_run_is_refused_before_anything_is_writt
                            "--run-dir", str(run_dir)], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and message in proc.stderr and not run_dir.exists(), proc.stderr[-2000:]
+
+
+def test_gradient_variance_is_not_drawn_over_a_single_micro_batch():
+    """With one worker and one micro-batch V is rounding error (1e-11 at batch 128 here),
+    which a log axis would draw ten decades under every other point; two micro-batches on
+    any worker layout give a V to draw."""
+    from sweeps.report import _grad_variance
+
+    row = lambda workers, micro: {"workers": workers, "micro_batches": micro, "grad_variance": 0.5}
+    assert _grad_variance(row(1, 1)) is None
+    assert _grad_variance(row(2, 1)) == _grad_variance(row(1, 2)) == 0.5
