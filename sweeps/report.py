@@ -11,8 +11,9 @@ Selection: for every (global batch, optimizer) the table shows the setting
 included, is shown at its best, chosen without looking at the test set. Settings
 are compared on the mean over the seeds they all have (a sweep may tune on one
 seed and then run the chosen setting on more); on an exact tie the smaller setting
-wins, compared value by value in SETTING_KEYS order (lr, lr_scaling, warmup, β, epochs). Without a validation split the lowest training
-loss decides, and the table says so.
+wins, compared value by value in SETTING_KEYS order (lr, lr_scaling, warmup, β,
+epochs). Without a validation split the lowest training loss decides, and the table
+says so.
 
 Budgets: a batch whose budget was raised or piloted has finished runs of one setting at
 several budgets, the shorter a prefix of the longer (sweeps/extend.py). They are never
@@ -176,8 +177,8 @@ def apply_choice(rows, chosen, subset):
 def _grad_variance(r):
     """V, where it means something: over a single micro-batch (one worker, m = 1) the mean
     is that micro-batch's gradient and V is rounding error, which a log axis would draw
-    as a value many decades below the others."""
-    if (r.get("workers") or 2) * (r.get("micro_batches") or 2) < 2:
+    as a value many decades below the others. A row that does not say its layout keeps V."""
+    if r.get("workers") == 1 and r.get("micro_batches") == 1:
         return None
     return r["grad_variance"]
 
