@@ -13,6 +13,13 @@ spec, a finished summary, and the row itself (``restored.json``). A report reads
 run as the row says, only at the reading the table was made at, and draws no curve for it;
 it says how many it holds. Neither kind has a checkpoint, so neither is continued to a
 raised budget (sweeps/extend.py needs one): such a point runs from the start.
+
+A point that takes longer than a session would never finish on machines that are replaced
+between sessions. So a report asked to (``checkpoints=True``) also *parks* each interrupted
+run: its records and its newest intact checkpoint (one model with its optimizer state),
+which ``restore`` puts back with the rest; ``run`` then resumes the point where it stopped.
+Opt-in because checkpoints are binary and can be large; a parked checkpoint is dropped from
+the folder by the first report that finds its run finished.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import json
 import shutil
 from pathlib import Path
 
+from hvd_gradalign import checkpoint
 from hvd_gradalign.checkpoint import write_text_atomic
 from sweeps import state
 from train.config import budget
@@ -29,30 +37,77 @@ from train.config import budget
 RECORDS = "runs"
 RECORD_FILES = ("config.json", "summary.json", "metrics.json", "launcher.json", state.CONTINUED_FROM,
                 state.RESTORED)
+CHECKPOINTS = "checkpoints"
+# Checkpoint folders of training runs (hvd_gradalign/checkpoint.py) and federated ones
+# (train/federated_run.py): one layout, two name patterns.
+CHECKPOINT_PATTERNS = ("ckpt-*", "round-*")
 
 
-def save(runs_dir, out) -> int:
-    """Copy the records of every finished run in ``runs_dir`` to ``out/runs/<id>/``;
-    how many runs are saved there."""
-    saved = 0
+def save(runs_dir, out, checkpoints=False) -> dict:
+    """Copy the records of every finished run in ``runs_dir`` to ``out/runs/<id>/``, and
+    with ``checkpoints`` park every interrupted run there too (records and newest intact
+    checkpoint). Returns {"finished": n, "parked": n}."""
+    counts = {"finished": 0, "parked": 0}
     for run_dir in state.run_dirs(runs_dir):
-        if not (run_dir / "config.json").exists() or state.point_state(run_dir) != state.DONE:
+        if not (run_dir / "config.json").exists():
             continue
+        now = state.point_state(run_dir)
         target = Path(out) / RECORDS / run_dir.name
-        target.mkdir(parents=True, exist_ok=True)
-        for name in RECORD_FILES:
-            if not (run_dir / name).exists():
-                # e.g. the restored.json of a table-only run that has since been run again
-                (target / name).unlink(missing_ok=True)
-                continue
-            text = (run_dir / name).read_text()
-            if name == "launcher.json":  # which process ran it means nothing elsewhere
-                text = json.dumps({k: v for k, v in json.loads(text).items()
-                                   if k in ("launcher", "workers", "state", "returncode")}, indent=1)
-            if not (target / name).exists() or (target / name).read_text() != text:
-                write_text_atomic(target / name, text)
-        saved += 1
-    return saved
+        if now == state.DONE:
+            _save_records(run_dir, target)
+            shutil.rmtree(target / CHECKPOINTS, ignore_errors=True)  # parked while it was interrupted
+            counts["finished"] += 1
+        elif now == state.INTERRUPTED and checkpoints and _park_checkpoint(run_dir, target):
+            _save_records(run_dir, target)
+            counts["parked"] += 1
+    return counts
+
+
+def _save_records(run_dir, target) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if not (run_dir / name).exists():
+            # e.g. the restored.json of a table-only run that has since been run again
+            (target / name).unlink(missing_ok=True)
+            continue
+        text = (run_dir / name).read_text()
+        if name == "launcher.json":  # which process ran it means nothing elsewhere
+            text = json.dumps({k: v for k, v in json.loads(text).items()
+                               if k in ("launcher", "workers", "state", "returncode")}, indent=1)
+        if not (target / name).exists() or (target / name).read_text() != text:
+            write_text_atomic(target / name, text)
+
+
+def _newest_checkpoint(run_dir):
+    """The newest intact checkpoint of ``run_dir`` (the one a re-run would resume from), or
+    None when it has none, or only damaged ones (that run starts over wherever it runs)."""
+    for pattern in CHECKPOINT_PATTERNS:
+        try:
+            found = checkpoint.latest(Path(run_dir) / CHECKPOINTS, warn=lambda _: None, pattern=pattern)
+        except checkpoint.CheckpointError:
+            continue
+        # LATEST is tried first whatever the pattern: keep it only under its own.
+        if found is not None and found.match(pattern):
+            return found, pattern
+    return None
+
+
+def _park_checkpoint(run_dir, target) -> bool:
+    """Put the newest intact checkpoint of ``run_dir`` in ``target/checkpoints/`` as the only
+    one there; False when there is none to park."""
+    newest = _newest_checkpoint(run_dir)
+    if newest is None:
+        return False
+    source, pattern = newest
+    dest = Path(target) / CHECKPOINTS
+    if checkpoint.verify(dest / source.name) is not None:  # not parked by an earlier report
+        staging = dest / f".{source.name}.parking"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        shutil.rmtree(dest / source.name, ignore_errors=True)
+        staging.replace(dest / source.name)
+    checkpoint.publish(dest, source.name, keep=1, pattern=pattern)
+    return True
 
 
 def _number(text):
@@ -70,10 +125,11 @@ def restore(sweep, source, at=None) -> dict:
     """Put back the runs of ``sweep``'s points that have no folder yet: from the records in
     ``source/runs/`` where there are some, otherwise (table-only) from the finished rows of
     ``source/results.csv``, which were read ``at`` (best_val, final or last_mean: the
-    table does not say). Returns {"records": n, "table": n, "kept": n}: points restored
-    each way, and points left alone because they have a folder here."""
+    table does not say). Returns {"records": n, "resumable": n, "table": n, "kept": n}:
+    points restored each way (``resumable``: of the records, interrupted runs parked with a
+    checkpoint, which ``run`` resumes), and points left alone because they have a folder here."""
     source = Path(source)
-    counts = {"records": 0, "table": 0, "kept": 0}
+    counts = {"records": 0, "resumable": 0, "table": 0, "kept": 0}
     rows = {}
     if (source / "results.csv").exists():
         with open(source / "results.csv", newline="") as f:
@@ -90,6 +146,7 @@ def restore(sweep, source, at=None) -> dict:
         if records.is_dir():
             shutil.copytree(records, staging)
             counts["records"] += 1
+            counts["resumable"] += (records / CHECKPOINTS).is_dir()
         else:
             if at is None:
                 raise ValueError(f"{point.id} survives only as a row of {source / 'results.csv'}: say which "

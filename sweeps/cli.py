@@ -1,6 +1,6 @@
 """python -m sweeps run SPEC [--launcher local|slurm] [--dry-run] [--wait]
 python -m sweeps status SPEC
-python -m sweeps report RUNS_DIR [--out DIR]
+python -m sweeps report RUNS_DIR [--out DIR [--checkpoints]]
 python -m sweeps restore SPEC --from DIR  (a fresh machine: the runs a report in DIR was made from)"""
 
 from __future__ import annotations
@@ -139,7 +139,10 @@ def cmd_report(args) -> int:
                       f"({', '.join(f'{n} {s}' for s, n in sorted(Counter(states.values()).items()))}); "
                       "the sweep resumes with `python -m sweeps run` on the same spec.\n\n")
         pending = [pending_row(p.id, p.config, p.workers) for p in sweep.points if not p.run_dir.exists()]
-    report(args.runs_dir, args.out, args.at, header=header, pending=pending)
+    try:
+        report(args.runs_dir, args.out, args.at, header=header, pending=pending, checkpoints=args.checkpoints)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return 0
 
 
@@ -155,7 +158,8 @@ def cmd_restore(args) -> int:
         counts = archive.restore(sweep, source, args.at)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    print(f"sweep {sweep.name}: restored {counts['records']} run(s) from {source / archive.RECORDS}, "
+    print(f"sweep {sweep.name}: restored {counts['records']} run(s) from {source / archive.RECORDS} "
+          f"({counts['resumable']} of them interrupted, with a checkpoint that `run` resumes from), "
           f"{counts['table']} from the rows of {source / 'results.csv'} alone (no per-epoch metrics); "
           f"{counts['kept']} already had a folder in {sweep.runs_dir} and were left as they are")
     return 0
@@ -185,7 +189,11 @@ def main(argv=None) -> int:
                      help="which epoch of each run counts: the last, the evaluated epoch "
                           f"with the best validation accuracy, or the mean of the last {TAIL} "
                           "evaluations (for noisy curves that have flattened)")
-    res = sub.add_parser("restore", help="put back finished runs from a report's folder (a fresh machine)")
+    rep.add_argument("--checkpoints", action="store_true",
+                     help="with --out: also park each interrupted run there (its records and newest "
+                          "checkpoint, one model with its optimizer state), so that `restore` on a "
+                          "fresh machine lets `run` resume it instead of starting it over")
+    res = sub.add_parser("restore", help="put back the runs a report's folder holds (a fresh machine)")
     res.add_argument("spec")
     res.add_argument("--from", dest="source", required=True, metavar="REPORT_DIR",
                      help="a folder a report of this sweep was written to, e.g. docs/results/NAME")

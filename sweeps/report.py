@@ -380,16 +380,20 @@ def _beta_curve(rows, chosen, out, plt):
     return path
 
 
-def report(runs_dir, out=None, at="final", header="", pending=()) -> dict:
-    """``pending``: rows (pending_row) for points of the spec that have no folder yet."""
+def report(runs_dir, out=None, at="final", header="", pending=(), checkpoints=False) -> dict:
+    """``pending``: rows (pending_row) for points of the spec that have no folder yet;
+    ``checkpoints``: park interrupted runs in ``out`` too (sweeps/archive.py)."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"{runs_dir} is not a folder of sweep runs")
     out = Path(out) if out else runs_dir
+    if checkpoints and out.resolve() == runs_dir.resolve():
+        raise ValueError("checkpoints are parked in a report written to a folder of its own: pass --out "
+                         "(e.g. docs/results/<sweep>), or drop --checkpoints")
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve() != runs_dir.resolve():
         # A report published elsewhere carries the records it was made from (sweeps/archive.py).
-        archive.save(runs_dir, out)
+        archive.save(runs_dir, out, checkpoints=checkpoints)
     from sweeps import federated_report
 
     started = [p for p in run_dirs(runs_dir) if (p / "config.json").exists()]

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from hvd_gradalign import checkpoint
 from sweeps import archive, estimate, extend, state
 from sweeps import spec as sweep_spec
 from sweeps.report import report
@@ -63,7 +64,7 @@ def test_a_published_report_carries_its_records_and_a_fresh_machine_gets_the_swe
     fresh = sweep_spec.load(path, runs)
     assert {state.point_state(p.run_dir) for p in fresh.points} == {state.PENDING}
     counts = archive.restore(fresh, out)
-    assert counts == {"records": 6, "table": 0, "kept": 0}
+    assert counts == {"records": 6, "resumable": 0, "table": 0, "kept": 0}
     assert {state.point_state(p.run_dir) for p in fresh.points} == {state.DONE}
     again = report(runs / sweep.name, tmp_path / "again", at="best_val")
     assert again["table"] == first["table"]
@@ -71,7 +72,7 @@ def test_a_published_report_carries_its_records_and_a_fresh_machine_gets_the_swe
     # They can be read at any epoch: the per-epoch metrics came back.
     assert "90.00" in report(runs / sweep.name, tmp_path / "final", at="final")["table"]
     # A second restore leaves what is there alone.
-    assert archive.restore(fresh, out) == {"records": 0, "table": 0, "kept": 6}
+    assert archive.restore(fresh, out) == {"records": 0, "resumable": 0, "table": 0, "kept": 6}
 
 
 def test_runs_older_than_the_records_come_back_from_the_table_at_its_reading_only(finished_sweep, tmp_path):
@@ -83,7 +84,7 @@ def test_runs_older_than_the_records_come_back_from_the_table_at_its_reading_onl
     with pytest.raises(ValueError, match="--at best_val, final or last_mean"):
         archive.restore(fresh, out)
     assert not runs.exists() or not any(runs.rglob("summary.json"))  # refused before writing
-    assert archive.restore(fresh, out, at="best_val") == {"records": 0, "table": 6, "kept": 0}
+    assert archive.restore(fresh, out, at="best_val") == {"records": 0, "resumable": 0, "table": 6, "kept": 0}
     assert {state.point_state(p.run_dir) for p in fresh.points} == {state.DONE}
     # Nothing to continue a raised budget from: those points run from the start.
     assert extend._finished_runs(runs / sweep.name) == []
@@ -100,7 +101,7 @@ def test_runs_older_than_the_records_come_back_from_the_table_at_its_reading_onl
     # The published folder now carries them as records (restored.json), so the table is
     # no longer needed to restore them.
     shutil.rmtree(runs)
-    assert archive.restore(sweep_spec.load(path, runs), tmp_path / "again") == {"records": 6, "table": 0, "kept": 0}
+    assert archive.restore(sweep_spec.load(path, runs), tmp_path / "again") == {"records": 6, "resumable": 0, "table": 0, "kept": 0}
     assert report(runs / sweep.name, tmp_path / "third", at="best_val")["table"] == again["table"]
     # A table-only point run again from the start has its own metrics: the next report's
     # records are a full run's, which a restore brings back as one.
@@ -146,7 +147,7 @@ def test_a_federated_report_draws_curves_only_for_runs_with_their_rounds(tmp_pat
     for p in lost:
         shutil.rmtree(out / archive.RECORDS / p.id)
     shutil.rmtree(runs)
-    assert archive.restore(sweep_spec.load(path, runs), out, at="best_val") == {"records": 2, "table": 2, "kept": 0}
+    assert archive.restore(sweep_spec.load(path, runs), out, at="best_val") == {"records": 2, "resumable": 0, "table": 2, "kept": 0}
     again = report(runs / "fed", tmp_path / "again", at="best_val")
     assert _rows(tmp_path / "again" / "results.csv") == _rows(out / "results.csv")
     table, trend = again["table"].split("At equal communications")
@@ -175,3 +176,76 @@ def test_the_records_a_report_saves_in_the_repository_are_not_ignored_by_git():
     assert check.returncode == 1, f"git ignores sweep records: {check.stdout.strip()}"
     working = subprocess.run(["git", "check-ignore", "-q", "runs/some_sweep/0123456789ab/config.json"], cwd=REPO)
     assert working.returncode == 0  # the sweeps' working folder stays out of git
+
+
+def _checkpoint(root, name, pattern, files, payload=b"weights"):
+    """A checkpoint folder as training (ckpt-*) or a federated run (round-*) leaves one."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    for f in files:
+        (folder / f).write_bytes(payload + name.encode())
+    checkpoint.write_manifest(folder, files)
+    checkpoint.publish(root, name, keep=2, pattern=pattern)
+    return folder
+
+
+def _interrupt(point, kind):
+    """A point cut short after two checkpoints, the newest of them damaged (a copy cut short)."""
+    d = point.run_dir
+    _finish(point, vals=[0.8, 0.85], tests=[0.7, 0.75])
+    (d / "summary.json").write_text(json.dumps({"status": "interrupted", "epochs_done": 2, "workers": 1}))
+    shutil.rmtree(d / "checkpoints")
+    pattern, files = {"train": ("ckpt-*", ["model.keras", "state.json"]),
+                      "federated": ("round-*", ["meta.json", "state-rank0.npz"])}[kind]
+    prefix = pattern[:-1]
+    intact = _checkpoint(d / "checkpoints", f"{prefix}000001", pattern, files)
+    damaged = _checkpoint(d / "checkpoints", f"{prefix}000002", pattern, files)
+    (damaged / files[0]).write_bytes(b"cut")
+    return intact, pattern
+
+
+@pytest.mark.parametrize("kind", ["train", "federated"])
+def test_an_interrupted_run_parked_with_its_checkpoint_resumes_on_a_fresh_machine(finished_sweep, tmp_path, kind):
+    path, runs, sweep, out, _ = finished_sweep
+    cut = sweep.points[0]
+    shutil.rmtree(cut.run_dir)
+    intact, pattern = _interrupt(cut, kind)
+    parked = out / archive.RECORDS / cut.id
+    shutil.rmtree(parked)  # it was finished when the fixture's report ran
+
+    # Without being asked, a report saves finished runs only: the interrupted one is not there.
+    report(runs / sweep.name, out, at="best_val")
+    assert not parked.exists()
+    with pytest.raises(ValueError, match="pass --out"):
+        report(runs / sweep.name, at="best_val", checkpoints=True)
+    assert archive.save(runs / sweep.name, out, checkpoints=True) == {"finished": 5, "parked": 1}
+    # Only the newest intact checkpoint is parked, and named in LATEST.
+    assert sorted(p.name for p in (parked / "checkpoints").iterdir()) == ["LATEST", intact.name]
+    assert (parked / "checkpoints" / "LATEST").read_text() == intact.name
+    assert json.loads((parked / "summary.json").read_text())["status"] == "interrupted"
+
+    shutil.rmtree(runs)  # a fresh machine
+    fresh = sweep_spec.load(path, runs)
+    assert archive.restore(fresh, out) == {"records": 6, "resumable": 1, "table": 0, "kept": 0}
+    assert state.point_state(cut.run_dir) == state.INTERRUPTED  # `run` resumes it, not restarts it
+    back = checkpoint.latest(cut.run_dir / "checkpoints", pattern=pattern)
+    assert back.name == intact.name and checkpoint.verify(back) is None
+    assert all((back / f.name).read_bytes() == f.read_bytes() for f in intact.iterdir())
+
+    # Finished since: the next report keeps its records and drops the parked checkpoint.
+    shutil.rmtree(cut.run_dir)
+    _finish(cut, vals=[0.8, 0.9], tests=[0.7, 0.8])
+    assert archive.save(runs / sweep.name, out, checkpoints=True) == {"finished": 6, "parked": 0}
+    assert not (parked / "checkpoints").exists()
+    assert json.loads((parked / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_run_with_only_damaged_checkpoints_is_not_parked(finished_sweep, tmp_path):
+    path, runs, sweep, out, _ = finished_sweep
+    cut = sweep.points[0]
+    shutil.rmtree(cut.run_dir)
+    shutil.rmtree(out / archive.RECORDS / cut.id)
+    intact, _ = _interrupt(cut, "train")
+    (intact / "model.keras").write_bytes(b"cut")
+    assert archive.save(runs / sweep.name, out, checkpoints=True) == {"finished": 5, "parked": 0}
+    assert not (out / archive.RECORDS / cut.id).exists()

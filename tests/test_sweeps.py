@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -202,12 +203,13 @@ def test_point_state_comes_from_what_the_run_wrote(tmp_path):
     assert state.point_state(finished, wanted=300) == state.INTERRUPTED
 
 
-@pytest.mark.parametrize("signum,to_group", [("SIGINT", True), ("SIGTERM", False)],
-                         ids=["ctrl-c-to-the-group", "sigterm-to-the-launcher-only"])
-def test_interrupted_local_sweep_resumes(tmp_path, signum, to_group):
+@pytest.mark.parametrize("signum,to_group,moved", [("SIGINT", True, False), ("SIGTERM", False, True)],
+                         ids=["ctrl-c-to-the-group", "sigterm-to-the-launcher-only-then-a-fresh-machine"])
+def test_interrupted_local_sweep_resumes(tmp_path, signum, to_group, moved):
     """Ctrl-C to the sweep's process group, or SIGTERM to the launcher alone (its
     point must not be left running as an orphan): the point is 'interrupted', not
-    'running' for ever, and the next run resumes it from its checkpoint."""
+    'running' for ever, and the next run resumes it from its checkpoint; ``moved``:
+    on a fresh machine, from the checkpoint a report parked (sweeps/archive.py)."""
     import signal
     import time
 
@@ -230,6 +232,13 @@ def test_interrupted_local_sweep_resumes(tmp_path, signum, to_group):
     orphans = subprocess.run(["pgrep", "-f", str(point.run_dir / "point.toml")], capture_output=True, text=True)
     assert orphans.stdout.strip() == "", "the point's training outlived its launcher"
     assert state.point_state(point.run_dir) == state.INTERRUPTED
+    if moved:
+        out = tmp_path / "published"
+        parked = sweeps_cli("report", runs / "tiny", "--out", out, "--checkpoints")
+        assert parked.returncode == 0, parked.stderr[-3000:]
+        shutil.rmtree(runs)
+        restored = sweeps_cli("restore", path, "--from", out, "--runs-root", runs)
+        assert restored.returncode == 0 and "1 of them interrupted" in restored.stdout, restored.stderr[-3000:]
     status = sweeps_cli("status", path, "--runs-root", runs)
     assert "1 interrupted" in status.stdout, status.stdout
     again = sweeps_cli("run", path, "--runs-root", runs)
