@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps.archive import restored_note, restored_result
-from sweeps.selection import TAIL, best_setting, mean_std, pick_epoch, reading
+from sweeps.selection import TAIL, best_setting, mean_pm, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json
 from train.config import budget, is_federated
 from train.federated_run import COMMUNICATIONS_PER_ROUND
@@ -78,7 +78,6 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
             groups[(_cell(r, shortest), r["algorithm"])][tuple(r[k] for k in SETTING_KEYS)].append(r)
     chosen = {key: (best, settings[best]) for key, settings in groups.items()
               for best in [best_setting(settings, "val_accuracy", max)]}
-    stats = {key: mean_std([r["test_accuracy"] for r in seeds]) for key, (_, seeds) in chosen.items()}
     splits = sorted({s for s, _ in chosen})
     algorithms = sorted({a for _, a in chosen})
     lines = ["| split | " + " | ".join(algorithms) + " |", "|---|" + "---|" * len(algorithms)]
@@ -89,9 +88,9 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
                 cells.append("–")
                 continue
             setting, seeds = chosen[(split, a)]
-            m, s = stats[(split, a)]
-            what = _setting_label(setting)
-            cells.append(f"{100 * m:.2f} ± {100 * s:.2f} ({what}, n={len(seeds)})" if m is not None else "–")
+            tests = [r["test_accuracy"] for r in seeds]
+            cells.append("–" if mean_std(tests)[0] is None
+                         else f"{mean_pm(tests)} ({_setting_label(setting)}, n={len(seeds)})")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines += _against_fedavg(chosen, splits, algorithms)
     lines += _at_equal_communications(chosen, curves, splits, algorithms, at)
@@ -182,8 +181,7 @@ def _against_fedavg(chosen, splits, algorithms):
                 cells.append("–")
                 continue
             diffs = _paired_differences(by_seed((split, "fedavg")), by_seed((split, a)))
-            m, sd = mean_std(diffs)
-            cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f} (n={len(diffs)})")
+            cells.append("–" if not diffs else f"{mean_pm(diffs, scale=1, sign='+')} (n={len(diffs)})")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines.append("Differences: test accuracy points, paired by seed (mean ± std over seeds).")
     return lines
@@ -220,13 +218,12 @@ def _at_equal_communications(chosen, curves, splits, algorithms, at):
                      for run in _drawn(chosen[(split, a)][1], curves)} for _, a in keys}
         cells = []
         for a in algorithms:
-            m, sd = mean_std(list(tests.get(a, {}).values()))
-            cells.append("–" if m is None else f"{100 * m:.2f} ± {100 * sd:.2f} (n={len(tests[a])})")
+            values = list(tests.get(a, {}).values())
+            cells.append("–" if mean_std(values)[0] is None else f"{mean_pm(values)} (n={len(values)})")
         for a in algorithms:
             if a == "fedavg":
                 continue
-            m, sd = mean_std(_paired_differences(tests.get("fedavg", {}), tests.get(a, {})))
-            cells.append("–" if m is None else f"{m:+.2f} ± {sd:.2f}")
+            cells.append(mean_pm(_paired_differences(tests.get("fedavg", {}), tests.get(a, {})), scale=1, sign="+"))
         lines.append(f"| {split} | {budget} | " + " | ".join(cells) + " |")
     return lines
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
 from sweeps import archive
-from sweeps.selection import AT, best_setting, mean_std, pick_epoch, reading
+from sweeps.selection import AT, best_setting, mean_pm, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json, run_dirs
 from train.config import budget, is_federated
 
@@ -205,13 +205,12 @@ def markdown_table(rows, chosen, at="final") -> str:
                 cells.append("–")
                 continue
             setting, seeds, _ = chosen[(b, o)]
-            test_m, test_s = mean_std([r["test_accuracy"] for r in seeds])
             gap_m, _ = mean_std([_gap(r) for r in seeds])
             train_m, _ = mean_std([r["train_accuracy"] for r in seeds if _gap(r) is not None])
             s = dict(zip(SETTING_KEYS, setting))
             beta = f", β={s['beta']:g}" if o == "gradalign" else ""
             gap = f"train {100 * train_m:.2f}, gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
-            cells.append(f"{100 * test_m:.2f} ± {100 * test_s:.2f} ({gap}"
+            cells.append(f"{mean_pm([r['test_accuracy'] for r in seeds])} ({gap}"
                          f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, {s['epochs']:g} epochs, "
                          f"n={len(seeds)})")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
@@ -243,7 +242,7 @@ def recovery_table(chosen) -> str:
     for b in sorted(set(sgd) | set(ga)):
         s_m, s_s, s_n = _test_stats(sgd.get(b, []))
         g_m, g_s, g_n = _test_stats(ga.get(b, []))
-        cell = lambda m, s, n: f"{100 * m:.2f} ± {100 * s:.2f} (n={n})" if m is not None else "–"
+        cell = lambda runs, m: "–" if m is None else f"{mean_pm([r['test_accuracy'] for r in runs])} (n={len(runs)})"
         diff = _difference((s_m, s_s, s_n), (g_m, g_s, g_n))
         lost = (ref - s_m) if s_m is not None else None
         if g_m is None or lost is None or b == small:
@@ -252,8 +251,7 @@ def recovery_table(chosen) -> str:
             recovered = "no gap"
         else:
             recovered = f"{100 * (g_m - s_m) / lost:.0f} %"
-        lines.append(f"| {b} | {cell(s_m, s_s, len(sgd.get(b, [])))} | "
-                     f"{cell(g_m, g_s, len(ga.get(b, [])))} | {diff} | {recovered} |")
+        lines.append(f"| {b} | {cell(sgd.get(b, []), s_m)} | {cell(ga.get(b, []), g_m)} | {diff} | {recovered} |")
     return "\n".join(lines) + "\n"
 
 
@@ -387,11 +385,12 @@ def report(runs_dir, out=None, at="final", header="", pending=(), checkpoints=Fa
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"{runs_dir} is not a folder of sweep runs")
     out = Path(out) if out else runs_dir
-    if checkpoints and out.resolve() == runs_dir.resolve():
+    in_place = out.resolve() == runs_dir.resolve()
+    if checkpoints and in_place:
         raise ValueError("checkpoints are parked in a report written to a folder of its own: pass --out "
                          "(e.g. docs/results/<sweep>), or drop --checkpoints")
     out.mkdir(parents=True, exist_ok=True)
-    if out.resolve() != runs_dir.resolve():
+    if not in_place:
         # A report published elsewhere carries the records it was made from (sweeps/archive.py).
         archive.save(runs_dir, out, checkpoints=checkpoints)
     from sweeps import federated_report

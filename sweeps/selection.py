@@ -45,6 +45,16 @@ def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def mean_pm(values, scale=100.0, sign="") -> str:
+    """A table cell's "mean ± std" of ``values`` times ``scale`` (``sign="+"`` signs the
+    mean); a single value prints alone, since its spread is unknown, not zero."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    m, s = mean_std(finite)
+    if m is None:
+        return "–"
+    return f"{scale * m:{sign}.2f}" + (f" ± {scale * s:.2f}" if len(finite) > 1 else "")
+
+
 def best_setting(settings, key, better):
     """The setting (a tuple of grid values) whose seeds score best on ``key``, over the
     seeds that all settings share. On an exact tie the smaller setting wins (compared

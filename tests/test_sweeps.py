@@ -451,7 +451,7 @@ def test_report_selects_on_validation_not_test(tmp_path):
     for i, (lr, val, test) in enumerate([(0.1, 0.90, 0.70), (0.2, 0.80, 0.95)]):
         fake_run(runs / f"p{i}", lr=lr, val=val, test=test)
     result = report(runs)
-    assert "70.00 ± 0.00" in result["table"] and "lr=0.1" in result["table"]
+    assert "| 70.00 (lr=0.1" in result["table"]
 
 
 @pytest.mark.parametrize("order", [(0.2, 0.1), (0.1, 0.2)])
@@ -499,16 +499,26 @@ def test_report_reads_each_batch_at_one_budget_and_never_counts_budgets_as_seeds
         fake_run(runs / f"lr{lr}e{epochs}", lr=lr, epochs=epochs, val=val, test=test, batch=8192)
     fake_run(runs / "small", batch=128, val=0.9, test=0.88, epochs=150)
     table = report(runs)["table"]
-    assert "| 8192 | 86.00 ± 0.00 (lr=0.1, warmup 0, 600 epochs, n=1) |" in table
+    assert "| 8192 | 86.00 (lr=0.1, warmup 0, 600 epochs, n=1) |" in table
     assert "1 finished run(s) at another budget (batch 8192: 1 at 1200 epochs)" in table
     assert len(list(csv.DictReader(open(runs / "results.csv")))) == 4
     for lr, val in ((0.2, 0.87), (0.05, 0.85)):
         fake_run(runs / f"lr{lr}e1200", lr=lr, epochs=1200, val=val, test=0.5, batch=8192)
     table = report(runs)["table"]
-    assert "| 8192 | 87.00 ± 0.00 (lr=0.1, warmup 0, 1200 epochs, n=1) |" in table
+    assert "| 8192 | 87.00 (lr=0.1, warmup 0, 1200 epochs, n=1) |" in table
     assert "(batch 8192: 2 at 600 epochs)" in table
     done = lambda b, e: {"status": "done", "batch_size": b, "epochs": e}
     assert batch_budgets([done(64, 100), done(64, 200), done(32, 5)]) == {64: 200, 32: 5}
+
+
+def test_cells_give_a_spread_only_where_there_are_two_values_or_more():
+    """One seed's spread is unknown, not 0: its cell prints the mean alone."""
+    from sweeps.selection import mean_pm
+
+    assert mean_pm([0.86, 0.88]) == "87.00 ± 1.41"
+    assert mean_pm([0.86, None, float("nan")]) == "86.00"
+    assert mean_pm([1.5, -0.5], scale=1, sign="+") == "+0.50 ± 1.41"
+    assert mean_pm([None]) == "–"
 
 
 def test_last_mean_reads_the_average_of_the_last_evaluations_not_a_spike(tmp_path):
@@ -531,7 +541,7 @@ def test_last_mean_reads_the_average_of_the_last_evaluations_not_a_spike(tmp_pat
     (runs / "p0" / "metrics.json").write_text(json.dumps([{**r, "accuracy": 0.9, "grad_variance": 1.0}
                                                          for r in history[:-1]]))
     table = report(runs, at="last_mean")["table"]
-    assert f"{100 * read['test_accuracy']:.2f} ± 0.00" in table
+    assert f"| {100 * read['test_accuracy']:.2f} (" in table
     assert f"averaged over the last {TAIL} evaluations" in table
 
 
@@ -565,8 +575,8 @@ def test_report_chooses_on_the_first_subset_and_applies_it_to_the_second(tmp_pat
     # the curves get a panel per subset, side by side: subset B is drawn, not only tabled
     assert all(width(name) == 2 * w for name, w in one_subset.items())
     a, b = result["table"].split("### subset_seed 1")
-    assert "### subset_seed 0 (every setting chosen here)" in a and "70.00 ± 0.00" in a and "lr=0.1" in a
-    assert "60.00 ± 0.00" in b and "lr=0.1" in b and "99.00" not in b
+    assert "### subset_seed 0 (every setting chosen here)" in a and "| 70.00 (lr=0.1" in a
+    assert "| 60.00 (lr=0.1" in b and "99.00" not in b
     rows = list(csv.DictReader(open(runs / "results.csv")))
     assert sorted(r["subset_seed"] for r in rows) == ["0", "0", "1", "1"]
 
