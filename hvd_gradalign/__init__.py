@@ -11,9 +11,17 @@ from .distributed import (
     rank,
     size,
 )
-from .optimizers import INNER_OPTIMIZERS, DistributedOptimizer, GradAlign, make_inner
+from .optimizers import (
+    INNER_OPTIMIZERS,
+    SAM,
+    DistributedOptimizer,
+    GradAlign,
+    GradientPenalty,
+    TwoPassOptimizer,
+    make_inner,
+)
 from .schedules import WarmupDecay, scaled_learning_rate
-from .steps import GradAlignResult, gradalign_gradients, gradalign_step
+from .steps import GradAlignResult, gradalign_gradients, gradalign_step, two_pass_gradients, two_pass_step
 from .trainer import GRAD_VARIANCE, GRAD_VARIANCE_RATIO, install, wrap
 
 # compile(optimizer=GradAlign(...)) + fit is enough: Keras' trainer dispatches to
@@ -24,7 +32,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BroadcastInitialState", "DistributedOptimizer", "GRAD_VARIANCE", "GRAD_VARIANCE_RATIO",
-    "GradAlign", "GradAlignResult", "INNER_OPTIMIZERS", "make_inner", "MetricAverage", "StepGuard", "StopSignals", "allreduce_mean", "broadcast_variables",
+    "GradAlign", "GradAlignResult", "GradientPenalty", "INNER_OPTIMIZERS", "SAM", "TwoPassOptimizer",
+    "two_pass_gradients", "two_pass_step", "make_inner", "MetricAverage", "StepGuard", "StopSignals", "allreduce_mean", "broadcast_variables",
     "callbacks", "gradalign_gradients", "gradalign_step", "init", "is_horovod_active",
     "install", "local_rank", "local_size", "rank", "scaled_learning_rate", "size", "WarmupDecay", "wrap",
 ]

@@ -96,7 +96,7 @@ def DistributedOptimizer(optimizer, name=None, device_dense="", device_sparse=""
     if compression not in (Compression.none, Compression.fp16):
         raise ValueError(f"compression={compression!r}: use Compression.none or Compression.fp16")
     if isinstance(optimizer, _optimizers.DistributedOptimizer):
-        if isinstance(optimizer, _optimizers.GradAlign):
+        if isinstance(optimizer, _optimizers.TwoPassOptimizer):
             return optimizer
         raise TypeError("the optimizer is already distributed")
     del sparse_as_dense  # gradients are always allreduced dense: same numbers either way

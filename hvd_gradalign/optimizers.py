@@ -1,6 +1,7 @@
-"""Keras 3 optimizer wrappers: Horovod data parallelism and GradAlign.
+"""Keras 3 optimizer wrappers: Horovod data parallelism and the two-pass family
+(GradAlign, SAM, the gradient-norm penalty).
 
-Both compose an inner Keras optimizer the way ``keras.optimizers.LossScaleOptimizer``
+They compose an inner Keras optimizer the way ``keras.optimizers.LossScaleOptimizer``
 does: the inner optimizer owns the update rule and its state, the wrapper only
 decides which gradient reaches it.
 """
@@ -12,7 +13,7 @@ import math
 import keras
 from keras.src.utils import tracking
 
-from . import distributed
+from . import displacements, distributed
 
 _BASE_OPTIMIZER_ARGS = (
     "weight_decay", "clipnorm", "global_clipnorm", "clipvalue", "use_ema",
@@ -195,20 +196,94 @@ def check_alignment_strength(name, value) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(
             f"{name} must be a finite number >= 0, got {value!r}. A negative value "
-            "displaces micro-batches the wrong way and pushes their gradients apart."
+            "displaces micro-batches the wrong way (for GradAlign it pushes their gradients apart)."
         )
     return float(value)
 
 
-@keras.saving.register_keras_serializable(package="hvd_gradalign")
-class GradAlign(DistributedOptimizer):
-    """Exact GradAlign (Dandi, Barba, Jaggi, AAAI 2022) around an inner optimizer.
+class TwoPassOptimizer(DistributedOptimizer):
+    """The base of the two-pass family: GradAlign, SAM and GradientPenalty.
 
-    Each worker's local batch is cut into ``micro_batches`` equal consecutive
-    slices. Every slice j gets its gradient g_j at the weights x; the mean ḡ over
-    all slices of all workers is one allreduce. Each slice then gets a second
-    gradient h_j on the same samples at x + β·(g_j − ḡ); the mean of the h_j is a
-    second allreduce and is what the inner optimizer applies to x.
+    Each worker's local batch is cut into ``micro_batches`` near-equal consecutive
+    slices. Every slice j gets its gradient g_j at the weights x; their mean ḡ over
+    all slices of all workers is one allreduce (it also carries V, logged for every
+    method). Each slice then gets a second gradient h_j on the same samples at
+    x + v_j, the method's displacement (``displacement``); the mean of the h_j is a
+    second allreduce and is what the inner optimizer applies to x. A strength of 0
+    is plain data-parallel training (the second pass and allreduce are skipped).
+
+    It is a DistributedOptimizer in what it shares with one (the inner optimizer, its
+    learning rate, iterations and state, serialisation), not in how gradients reach
+    it: the step owns both allreduces, so ``apply`` of a single gradient is refused.
+    """
+
+    def __init__(self, inner_optimizer, micro_batches=1, name=None, **kwargs):
+        # The step does its own two allreduces: none of DistributedOptimizer's
+        # communication options apply, so they are refused rather than ignored.
+        _reject_base_kwargs(type(self).__name__, kwargs)
+        super().__init__(inner_optimizer, name=name)
+        if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
+            raise TypeError(
+                f"{type(self).__name__} does not support a LossScaleOptimizer inner optimizer: its two "
+                "gradient passes are not loss-scaled. Train in float32 or with the "
+                "'mixed_bfloat16' policy (no loss scaling needed).")
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}.")
+        self.micro_batches = micro_batches
+        self._fixed = self._lr_ratio = None
+
+    def _set_strength(self, fixed, lr_ratio, names):
+        """A fixed strength, or one that is lr_ratio × the current learning rate: exactly
+        one of the two, each >= 0. ``names`` = (fixed's name, lr_ratio's name)."""
+        if lr_ratio is not None and names[1] is None:
+            raise ValueError(f"{type(self).__name__} takes a fixed {names[0]} only.")
+        if (fixed is None) == (lr_ratio is None):
+            raise ValueError(
+                f"{type(self).__name__} needs exactly one of {names[0]} (a fixed value) or {names[1]} "
+                f"(= ratio × learning rate), e.g. {type(self).__name__}(opt, {names[0]}=0.05)."
+            )
+        self._fixed = None if fixed is None else check_alignment_strength(names[0], fixed)
+        self._lr_ratio = None if lr_ratio is None else check_alignment_strength(names[1], lr_ratio)
+
+    def displacement(self, g_j, g_bar, x, strength):
+        """v_j, where micro-batch j takes its second gradient (``hvd_gradalign.displacements``)."""
+        raise NotImplementedError
+
+    @property
+    def is_plain_data_parallel(self) -> bool:
+        """The strength is identically zero: the method reduces to data-parallel SGD."""
+        return (self._fixed if self._fixed is not None else self._lr_ratio) == 0.0
+
+    def current_strength(self):
+        """The displacement's strength (β, ρ) for this update as a float64 scalar tensor
+        (it follows the learning rate when a ratio is set)."""
+        import tensorflow as tf
+
+        if self._fixed is not None:
+            return tf.constant(self._fixed, tf.float64)
+        return tf.cast(self.inner_optimizer.learning_rate, tf.float64) * self._lr_ratio
+
+    def apply(self, grads, trainable_variables=None):
+        name = type(self).__name__
+        raise RuntimeError(
+            f"{name} received a single gradient per step, which would silently train as "
+            f"plain large-batch SGD: this model's train_step does not reach {name}'s step "
+            "(its class overrides train_step without calling super().train_step(data)). "
+            f"{name} needs two gradients on each micro-batch: call "
+            "`super().train_step(data)` from your train_step, or compute the update with "
+            "`hvd_gradalign.two_pass_step(...)` in it (or in a custom training loop)."
+        )
+
+    def _base_config(self):
+        return {"name": self.name,
+                "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+                "micro_batches": self.micro_batches}
+
+
+@keras.saving.register_keras_serializable(package="hvd_gradalign")
+class GradAlign(TwoPassOptimizer):
+    """Exact GradAlign (Dandi, Barba, Jaggi, AAAI 2022) around an inner optimizer:
+    micro-batch j takes its second gradient at x + β·(g_j − ḡ) (:class:`TwoPassOptimizer`).
 
     Args:
         inner_optimizer: the Keras optimizer that applies the update (SGD, Adam, ...).
@@ -217,63 +292,98 @@ class GradAlign(DistributedOptimizer):
         beta_lr_ratio: instead of ``beta``, β = ratio × the inner optimizer's
             current learning rate, so β follows a learning-rate schedule. To match
             the implicit regulariser of small-batch SGD with learning rate ε, β = ε/2.
-        micro_batches: slices per worker; the local batch must be a multiple of it.
+        micro_batches: slices per worker.
 
     ``model.compile(optimizer=GradAlign(...))`` then ``model.fit`` runs the exact
     two-pass step (``hvd_gradalign.steps``) for any model that does not override
-    ``train_step``; custom loops call ``hvd_gradalign.gradalign_step``.
+    ``train_step``; custom loops call ``hvd_gradalign.two_pass_step``.
     """
 
     def __init__(self, inner_optimizer, beta=None, micro_batches=1, beta_lr_ratio=None,
                  name=None, **kwargs):
-        # GradAlign does its own two allreduces: none of DistributedOptimizer's
-        # communication options apply, so they are refused rather than ignored.
-        _reject_base_kwargs(type(self).__name__, kwargs)
-        super().__init__(inner_optimizer, name=name)
-        if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
-            raise TypeError(
-                "GradAlign does not support a LossScaleOptimizer inner optimizer: its two "
-                "gradient passes are not loss-scaled. Train in float32 or with the "
-                "'mixed_bfloat16' policy (no loss scaling needed).")
-        if (beta is None) == (beta_lr_ratio is None):
-            raise ValueError(
-                "GradAlign needs exactly one of beta (a fixed β) or beta_lr_ratio "
-                "(β = ratio × learning rate), e.g. GradAlign(opt, beta=0.05)."
-            )
-        self.beta = None if beta is None else check_alignment_strength("beta", beta)
-        self.beta_lr_ratio = (
-            None if beta_lr_ratio is None else check_alignment_strength("beta_lr_ratio", beta_lr_ratio)
-        )
-        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}.")
-        self.micro_batches = micro_batches
+        super().__init__(inner_optimizer, micro_batches=micro_batches, name=name, **kwargs)
+        self._set_strength(beta, beta_lr_ratio, ("beta", "beta_lr_ratio"))
 
-    @property
-    def is_plain_data_parallel(self) -> bool:
-        """β is identically zero: GradAlign reduces to data-parallel SGD."""
-        return (self.beta if self.beta is not None else self.beta_lr_ratio) == 0.0
+    beta = property(lambda self: self._fixed, doc="the fixed β, or None when it follows the lr")
+    beta_lr_ratio = property(lambda self: self._lr_ratio, doc="β / lr when β follows the lr, else None")
+
+    def displacement(self, g_j, g_bar, x, strength):
+        return displacements.gradalign(g_j, g_bar, x, strength)
 
     def current_beta(self):
         """β for this update as a float64 scalar tensor (it follows the LR when a ratio is set)."""
-        import tensorflow as tf
-
-        if self.beta is not None:
-            return tf.constant(self.beta, tf.float64)
-        return tf.cast(self.inner_optimizer.learning_rate, tf.float64) * self.beta_lr_ratio
-
-    def apply(self, grads, trainable_variables=None):
-        raise RuntimeError(
-            "GradAlign received a single gradient per step, which would silently train as "
-            "plain large-batch SGD: this model's train_step does not reach GradAlign's step "
-            "(its class overrides train_step without calling super().train_step(data)). "
-            "GradAlign needs two gradients on each micro-batch: call "
-            "`super().train_step(data)` from your train_step, or compute the update with "
-            "`hvd_gradalign.gradalign_step(...)` in it (or in a custom training loop)."
-        )
+        return self.current_strength()
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
-            "beta": self.beta, "beta_lr_ratio": self.beta_lr_ratio, "micro_batches": self.micro_batches,
-        }
+        return {**self._base_config(), "beta": self.beta, "beta_lr_ratio": self.beta_lr_ratio}
+
+
+@keras.saving.register_keras_serializable(package="hvd_gradalign")
+class GradientPenalty(TwoPassOptimizer):
+    """An explicit gradient-norm penalty (β/2)·mean_j ‖g_j‖² over micro-batches, by a
+    finite difference: micro-batch j takes its second gradient at x + β·g_j
+    (Smith, Dherin, Barrett, De 2021; Geiping et al. 2022). Small-batch SGD with learning
+    rate ε follows it with β = ε/2 on its mini-batches; GradAlign keeps only the variance
+    part, so the two differ by (β/2)·‖ḡ‖².
+
+    Args:
+        inner_optimizer: the Keras optimizer that applies the update.
+        strength: β ≥ 0; 0 is plain data-parallel training.
+        strength_lr_ratio: instead of ``strength``, β = ratio × the current learning rate.
+        micro_batches: slices per worker (the penalty is on each slice's gradient norm).
+    """
+
+    def __init__(self, inner_optimizer, strength=None, micro_batches=1, strength_lr_ratio=None,
+                 name=None, **kwargs):
+        super().__init__(inner_optimizer, micro_batches=micro_batches, name=name, **kwargs)
+        self._set_strength(strength, strength_lr_ratio, ("strength", "strength_lr_ratio"))
+
+    strength = property(lambda self: self._fixed, doc="the fixed β, or None when it follows the lr")
+    strength_lr_ratio = property(lambda self: self._lr_ratio, doc="β / lr when β follows the lr, else None")
+
+    def displacement(self, g_j, g_bar, x, strength):
+        return displacements.grad_penalty(g_j, g_bar, x, strength)
+
+    def get_config(self):
+        return {**self._base_config(), "strength": self.strength, "strength_lr_ratio": self.strength_lr_ratio}
+
+
+SAM_SCOPES = ("micro_batch", "global")
+
+
+@keras.saving.register_keras_serializable(package="hvd_gradalign")
+class SAM(TwoPassOptimizer):
+    """Sharpness-aware minimisation (Foret et al. 2021) on the exact two-pass step:
+    micro-batch j takes its second gradient at x + ρ·u/‖u‖.
+
+    Args:
+        inner_optimizer: the Keras optimizer that applies the update.
+        rho: the neighbourhood radius ρ ≥ 0; 0 is plain data-parallel training.
+        micro_batches: slices per worker.
+        scope: ``"micro_batch"`` (default; m-sharpness, u = g_j, each micro-batch its
+            own ascent; its mean gradient ḡ is needed only for the V log) or
+            ``"global"`` (u = ḡ, the whole batch's ascent).
+        adaptive: ASAM (Kwon et al. 2021): the ascent is ρ·T²u/‖Tu‖ with T = |x| + 0.01,
+            a neighbourhood that scales with each weight.
+    """
+
+    def __init__(self, inner_optimizer, rho=0.05, micro_batches=1, scope="micro_batch",
+                 adaptive=False, name=None, **kwargs):
+        super().__init__(inner_optimizer, micro_batches=micro_batches, name=name, **kwargs)
+        self._set_strength(rho, None, ("rho", None))
+        if scope not in SAM_SCOPES:
+            raise ValueError(f"scope must be one of {SAM_SCOPES}, got {scope!r}.")
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be True or False, got {adaptive!r}.")
+        self.scope = scope
+        self.adaptive = adaptive
+        rule = displacements.sam if scope == "micro_batch" else displacements.sam_global
+        self._rule = rule(adaptive)
+
+    rho = property(lambda self: self._fixed, doc="the radius ρ")
+
+    def displacement(self, g_j, g_bar, x, strength):
+        return self._rule(g_j, g_bar, x, strength)
+
+    def get_config(self):
+        return {**self._base_config(), "rho": self.rho, "scope": self.scope, "adaptive": self.adaptive}

@@ -1,10 +1,12 @@
-"""Train steps: the exact GradAlign step and its pieces, usable without Keras' fit.
+"""Train steps: the exact two-pass step and its pieces, usable without Keras' fit.
 
-The GradAlign step for one update (docs/algorithm.md says why and what is tested):
+One update of the two-pass family (GradAlign, SAM, the gradient-norm penalty;
+docs/algorithm.md says why and what is tested):
 
 1. g_j = ∇f_j(x) for every micro-batch j of this worker;
-2. ḡ = mean of all g_j of all workers (allreduce #1);
-3. h_j = ∇f_j(x + β·(g_j − ḡ)) on the same samples;
+2. ḡ = mean of all g_j of all workers (allreduce #1; it also carries V);
+3. h_j = ∇f_j(x + v_j) on the same samples, with the method's displacement v_j
+   (``hvd_gradalign.displacements``; GradAlign: v_j = β·(g_j − ḡ));
 4. h = mean of all h_j (allreduce #2), which the inner optimizer applies to x.
 
 Micro-batches are processed in a ``tf.while_loop`` so that the traced graph does
@@ -18,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
-from . import distributed
+from . import displacements, distributed
 
 
 class GradAlignResult(NamedTuple):
@@ -85,7 +87,23 @@ def gradalign_gradients(
     state_variables=(),
     skip_second_pass: bool = False,
 ) -> GradAlignResult:
-    """The GradAlign gradient for one update, averaged over all workers.
+    """The GradAlign gradient for one update, averaged over all workers:
+    :func:`two_pass_gradients` with v_j = β·(g_j − ḡ)."""
+    return two_pass_gradients(loss_fn, variables, data, micro_batches, beta, displacements.gradalign,
+                              state_variables=state_variables, skip_second_pass=skip_second_pass)
+
+
+def two_pass_gradients(
+    loss_fn: Callable,
+    variables,
+    data,
+    micro_batches: int,
+    strength,
+    displacement: Callable = displacements.gradalign,
+    state_variables=(),
+    skip_second_pass: bool = False,
+) -> GradAlignResult:
+    """The two-pass gradient for one update, averaged over all workers.
 
     Args:
         loss_fn: ``loss_fn(micro_batch) -> (loss, outputs)``, the mean loss of one
@@ -100,12 +118,13 @@ def gradalign_gradients(
             slices and workers weight each slice by its number of samples, so the
             result is GradAlign on those slices and β = 0 is the gradient of the
             mean loss over all samples of all workers.
-        beta: β (float or scalar tensor).
+        strength: the displacement's strength, β or ρ (float or scalar tensor).
+        displacement: ``rule(g_j, ḡ, x, strength) -> v_j`` (``hvd_gradalign.displacements``).
         state_variables: non-trainable state that the forward pass changes
             (BatchNorm moving statistics, dropout seeds). The second pass starts
             from the same state as the first, so each micro-batch sees the same
             dropout draw twice; the state after the step is the first pass's.
-        skip_second_pass: β is identically zero: h = ḡ, one allreduce.
+        skip_second_pass: the strength is identically zero: h = ḡ, one allreduce.
     """
     variables = list(variables)
     state_variables = list(state_variables)
@@ -128,7 +147,8 @@ def gradalign_gradients(
     # kept after the step (BatchNorm moving statistics) is the first pass's.
     s1 = _snapshot(state_variables)
     _restore(state_variables, s0)
-    h_sum = _second_pass(gradients_on, variables, x, g_stack, g_bar, beta, slices.count)
+    h_sum = _second_pass(gradients_on, variables, x, g_stack, g_bar, strength, displacement,
+                         slices.count)
     _restore(variables, x)
     _restore(state_variables, s1)
     h = distributed.allreduce_mean(h_sum)
@@ -204,13 +224,16 @@ def _mean_gradient_and_variance(g_stack, sizes, n, mdtype):
     return g_bar, mean_n, variance, tf.math.divide_no_nan(variance, g_bar_sq)
 
 
-def _second_pass(gradients_on, variables, x, g_stack, g_bar, beta, k):
-    """This worker's Σ_j n_j h_j with h_j = ∇f_j(x + β(g_j − ḡ)); the variables are
-    left displaced (the caller restores x)."""
+def _second_pass(gradients_on, variables, x, g_stack, g_bar, strength, displacement, k):
+    """This worker's Σ_j n_j h_j with h_j = ∇f_j(x + v_j); the variables are left
+    displaced (the caller restores x)."""
+    strength = tf.cast(strength, tf.float64)
+
     def body(j, h_sum):
-        for v, x_v, g, gb in zip(variables, x, g_stack, g_bar):
-            if g is not None:
-                v.assign(x_v + tf.cast(beta, v.dtype) * (g[j] - gb))
+        g_j = [None if g is None else g[j] for g in g_stack]
+        for v, x_v, d in zip(variables, x, displacement(g_j, g_bar, x, strength)):
+            if d is not None:
+                v.assign(x_v + d)
         _, _, grads, size = gradients_on(j)
         return j + 1, [h if g is None else h + tf.cast(size, h.dtype) * tf.convert_to_tensor(g)
                        for h, g in zip(h_sum, grads)]
@@ -222,20 +245,25 @@ def _second_pass(gradients_on, variables, x, g_stack, g_bar, beta, k):
     return [h if g is not None else None for h, g in zip(h_sum, g_stack)]
 
 
-def gradalign_step(loss_fn: Callable, variables, optimizer, data, state_variables=()) -> GradAlignResult:
-    """One GradAlign update for a custom training loop.
+def two_pass_step(loss_fn: Callable, variables, optimizer, data, state_variables=()) -> GradAlignResult:
+    """One update of a two-pass optimizer (GradAlign, SAM, GradientPenalty) for a custom
+    training loop.
 
-    ``optimizer`` is a :class:`hvd_gradalign.GradAlign`; ``loss_fn`` and the other
-    arguments are those of :func:`gradalign_gradients`. Wrap the call in
-    ``tf.function`` (without ``jit_compile``) for speed.
+    ``loss_fn`` and the other arguments are those of :func:`two_pass_gradients`. Wrap
+    the call in ``tf.function`` (without ``jit_compile``) for speed.
     """
     variables = list(variables)
-    result = gradalign_gradients(
+    result = two_pass_gradients(
         loss_fn, variables, data,
         micro_batches=optimizer.micro_batches,
-        beta=optimizer.current_beta(),
+        strength=optimizer.current_strength(),
+        displacement=optimizer.displacement,
         state_variables=state_variables,
         skip_second_pass=optimizer.is_plain_data_parallel,
     )
     optimizer.apply_averaged(result.gradients, variables)
     return result
+
+
+# The name custom loops have used since GradAlign was the only two-pass method.
+gradalign_step = two_pass_step

@@ -3,8 +3,9 @@
 ``model.compile(optimizer=GradAlign(...))`` is enough: on import the library
 installs a dispatch into Keras' TensorFlow trainer (the class every
 ``keras.Model`` inherits ``train_step``, ``fit`` and ``reset_metrics`` from) that
-runs the GradAlign step, checks fit's input and turns XLA off whenever the
-model's optimizer is a GradAlign, and does exactly what Keras does otherwise.
+runs the two-pass step, checks fit's input and turns XLA off whenever the
+model's optimizer is a two-pass one (GradAlign, SAM, GradientPenalty), and does
+exactly what Keras does otherwise.
 A model class that overrides ``train_step`` without calling ``super()`` never
 reaches it; GradAlign.apply then stops it at the first step with an error
 (it must never train silently as plain large-batch SGD).
@@ -24,9 +25,9 @@ import keras
 import tensorflow as tf
 
 from .callbacks import BroadcastInitialState
-from .optimizers import GradAlign
+from .optimizers import TwoPassOptimizer
 from . import distributed, keras_internals
-from .steps import first_leaf, gradalign_step
+from .steps import first_leaf, two_pass_step
 
 GRAD_VARIANCE = "grad_variance"
 GRAD_VARIANCE_RATIO = "grad_variance_ratio"
@@ -46,7 +47,7 @@ class _AlignmentTrackers:
 
 
 def keras_gradalign_train_step(model: keras.Model, data, trackers: _AlignmentTrackers):
-    """The GradAlign version of ``keras.Model.train_step``."""
+    """The two-pass (GradAlign, SAM, GradientPenalty) version of ``keras.Model.train_step``."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     compute_loss = keras_internals.compute_loss(model)
     with_training = keras_internals.call_has_training_arg(model)
@@ -57,7 +58,7 @@ def keras_gradalign_train_step(model: keras.Model, data, trackers: _AlignmentTra
         loss = compute_loss(x=xj, y=yj, y_pred=y_pred, sample_weight=swj, training=True)
         return loss, y_pred
 
-    result = gradalign_step(
+    result = two_pass_step(
         loss_fn, model.trainable_variables, model.optimizer, (x, y, sample_weight),
         state_variables=model.non_trainable_variables,
     )
@@ -164,7 +165,7 @@ def install() -> None:
     fit_signature = inspect.signature(stock_fit)
 
     def train_step(self, data):
-        if isinstance(self.optimizer, GradAlign):
+        if isinstance(self.optimizer, TwoPassOptimizer):
             return keras_gradalign_train_step(self, data, _trackers(self))
         return stock_train_step(self, data)
 
@@ -184,7 +185,7 @@ def install() -> None:
             # A step that failed while being traced (a wrong input shape, say) leaves a
             # train function Keras would reuse and that can never run again: drop it, as
             # wrap() does, so that the next fit traces afresh (plain Keras recovers too).
-            if isinstance(self.optimizer, GradAlign):
+            if isinstance(self.optimizer, TwoPassOptimizer):
                 self.train_function = None
             raise
 

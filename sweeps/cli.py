@@ -1,7 +1,8 @@
 """python -m sweeps run SPEC [--launcher local|slurm] [--dry-run] [--wait]
 python -m sweeps status SPEC
 python -m sweeps report RUNS_DIR [--out DIR [--checkpoints]]
-python -m sweeps restore SPEC --from DIR  (a fresh machine: the runs a report in DIR was made from)"""
+python -m sweeps restore SPEC --from DIR  (a fresh machine: the runs a report in DIR was made from)
+python -m sweeps targets RUNS_DIR [RUNS_DIR ...] --target-from REPORT_DIR --out DIR  (steps to target)"""
 
 from __future__ import annotations
 
@@ -140,7 +141,8 @@ def cmd_report(args) -> int:
                       "the sweep resumes with `python -m sweeps run` on the same spec.\n\n")
         pending = [pending_row(p.id, p.config, p.workers) for p in sweep.points if not p.run_dir.exists()]
     try:
-        report(args.runs_dir, args.out, args.at, header=header, pending=pending, checkpoints=args.checkpoints)
+        report(args.runs_dir, args.out, args.at, header=header, pending=pending, checkpoints=args.checkpoints,
+               equal_cost=args.equal_cost)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return 0
@@ -162,6 +164,16 @@ def cmd_restore(args) -> int:
           f"({counts['resumable']} of them interrupted, with a checkpoint that `run` resumes from), "
           f"{counts['table']} from the rows of {source / 'results.csv'} alone (no per-epoch metrics); "
           f"{counts['kept']} already had a folder in {sweep.runs_dir} and were left as they are")
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from sweeps import targets
+
+    try:
+        targets.write(args.runs_dirs, args.target_from, args.out)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return 0
 
 
@@ -193,6 +205,16 @@ def main(argv=None) -> int:
                      help="with --out: also park each interrupted run there (its records and newest "
                           "checkpoint, one model with its optimizer state), so that `restore` on a "
                           "fresh machine lets `run` resume it instead of starting it over")
+    rep.add_argument("--equal-cost", action="store_true",
+                     help="read each batch at one budget of gradient passes per sample (epochs x 2 for "
+                          "GradAlign, SAM and the penalty, x 1 for SGD) instead of one budget of epochs")
+    t = sub.add_parser("targets", help="updates and gradient evaluations to small-batch SGD's validation "
+                                       "accuracy, per run (steps to target)")
+    t.add_argument("runs_dirs", nargs="+", help="sweep runs folders, e.g. runs/fashion_mnist_price")
+    t.add_argument("--target-from", required=True, metavar="REPORT_DIR",
+                   help="a report (folder or results.csv, read at best_val) whose SGD at its smallest "
+                        "batch sets the target, e.g. docs/results/fashion_mnist_batch_curve")
+    t.add_argument("--out", required=True, help="where steps_to_target.{csv,md,png} go")
     res = sub.add_parser("restore", help="put back the runs a report's folder holds (a fresh machine)")
     res.add_argument("spec")
     res.add_argument("--from", dest="source", required=True, metavar="REPORT_DIR",
@@ -204,7 +226,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return {"run": cmd_run, "status": cmd_status, "report": cmd_report,
-                "restore": cmd_restore}[args.command](args)
+                "restore": cmd_restore, "targets": cmd_targets}[args.command](args)
     except (ConfigError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -54,12 +54,31 @@ def _micro(config, workers):
     return o["micro_batches"], local // o["micro_batches"]
 
 
+def method(optim: dict) -> str:
+    """The method a run's [optim] describes, as results tables name it: optim.optimizer,
+    with SAM's forms told apart (sam = per micro-batch, sam_global; an "a" for adaptive)."""
+    name = optim["optimizer"]
+    if name != "sam":
+        return name
+    return ("asam" if optim.get("sam_adaptive") else "sam") + (
+        "_global" if optim.get("sam_scope", "micro_batch") == "global" else "")
+
+
+def strength(optim: dict) -> float:
+    """The two-pass displacement's strength (the results' "beta" column): GradAlign's and the
+    penalty's β, SAM's ρ."""
+    return optim.get("rho", 0.05) if optim["optimizer"] == "sam" else optim["beta"]
+
+
+STRENGTH_SYMBOL = {"gradalign": "β", "grad_penalty": "β"}  # any SAM form: ρ
+
+
 def _config_fields(config) -> dict:
     """The columns a run's config decides."""
     o, t, d = config["optim"], config["train"], config["data"]
-    return {"dataset": d["dataset"], "model": config["model"]["model"], "optimizer": o["optimizer"],
+    return {"dataset": d["dataset"], "model": config["model"]["model"], "optimizer": method(o),
             "inner": o["inner"], "batch_size": t["batch_size"], "lr": o["lr"], "lr_scaling": o["lr_scaling"],
-            "warmup_epochs": o["warmup_epochs"], "beta": o["beta"], "seed": t["seed"], "epochs": t["epochs"],
+            "warmup_epochs": o["warmup_epochs"], "beta": strength(o), "seed": t["seed"], "epochs": t["epochs"],
             "train_samples": d.get("train_samples", 0), "subset_seed": d.get("subset_seed", -1),
             "warmup_from": o.get("warmup_from", "lr") if o["warmup_epochs"] else ""}
 
@@ -114,27 +133,41 @@ def collect(runs_dir, at="final") -> list[dict]:
     return rows
 
 
-def batch_budgets(rows) -> dict:
-    """{batch: epochs}: the budget each batch is read at (see the module's docstring)."""
+def passes(row) -> int:
+    """Gradient passes per sample and update: 2 for a two-pass method (GradAlign, SAM, the
+    penalty) with a strength > 0, 1 for data-parallel SGD (whose V log costs no pass)."""
+    return 1 if row["optimizer"] == "sgd" or not row["beta"] else 2
+
+
+def _budget(row, equal_cost):
+    return row["epochs"] * (passes(row) if equal_cost else 1)
+
+
+def batch_budgets(rows, equal_cost=False) -> dict:
+    """{batch: budget}: the budget each batch is read at (see the module's docstring), in
+    epochs, or with ``equal_cost`` in gradient passes per sample (epochs × passes), so that
+    SGD at twice the epochs is read beside a two-pass method at its budget."""
     counts = defaultdict(Counter)
     for r in rows:
         if r["status"] == "done":
-            counts[r["batch_size"]][r["epochs"]] += 1
-    return {b: max(c, key=lambda epochs: (c[epochs], epochs)) for b, c in counts.items()}
+            counts[r["batch_size"]][_budget(r, equal_cost)] += 1
+    return {b: max(c, key=lambda budget: (c[budget], budget)) for b, c in counts.items()}
 
 
-def at_batch_budget(rows) -> tuple[list, list]:
+def at_batch_budget(rows, equal_cost=False) -> tuple[list, list]:
     """(the rows the tables read, the finished runs at another budget of their batch)."""
-    budgets = batch_budgets(rows)
-    other = [r for r in rows if r["status"] == "done" and r["epochs"] != budgets[r["batch_size"]]]
+    budgets = batch_budgets(rows, equal_cost)
+    other = [r for r in rows if r["status"] == "done"
+             and _budget(r, equal_cost) != budgets[r["batch_size"]]]
     return [r for r in rows if r not in other], other  # rows are dicts with distinct ids
 
 
-def _other_budgets_note(other) -> str:
+def _other_budgets_note(other, equal_cost=False) -> str:
     if not other:
         return ""
-    counts = Counter((r["batch_size"], r["epochs"]) for r in other)
-    what = "; ".join(f"batch {b}: {n} at {e} epochs" for (b, e), n in sorted(counts.items()))
+    counts = Counter((r["batch_size"], r["optimizer"] if equal_cost else "", r["epochs"]) for r in other)
+    what = "; ".join(f"batch {b}: {n}{' ' + o if o else ''} at {e} epochs"
+                     for (b, o, e), n in sorted(counts.items()))
     return (f"\nRead at one budget per batch (the one most of its finished runs have); not in the "
             f"tables: {len(other)} finished run(s) at another budget ({what}); see results.csv.\n")
 
@@ -208,7 +241,7 @@ def markdown_table(rows, chosen, at="final") -> str:
             gap_m, _ = mean_std([_gap(r) for r in seeds])
             train_m, _ = mean_std([r["train_accuracy"] for r in seeds if _gap(r) is not None])
             s = dict(zip(SETTING_KEYS, setting))
-            beta = f", β={s['beta']:g}" if o == "gradalign" else ""
+            beta = "" if o == "sgd" else f", {STRENGTH_SYMBOL.get(o, 'ρ')}={s['beta']:g}"
             gap = f"train {100 * train_m:.2f}, gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
             cells.append(f"{mean_pm([r['test_accuracy'] for r in seeds])} ({gap}"
                          f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, {s['epochs']:g} epochs, "
@@ -378,9 +411,11 @@ def _beta_curve(rows, chosen, out, plt):
     return path
 
 
-def report(runs_dir, out=None, at="final", header="", pending=(), checkpoints=False) -> dict:
+def report(runs_dir, out=None, at="final", header="", pending=(), checkpoints=False,
+           equal_cost=False) -> dict:
     """``pending``: rows (pending_row) for points of the spec that have no folder yet;
-    ``checkpoints``: park interrupted runs in ``out`` too (sweeps/archive.py)."""
+    ``checkpoints``: park interrupted runs in ``out`` too (sweeps/archive.py);
+    ``equal_cost``: read every batch at one budget of gradient passes, not epochs."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"{runs_dir} is not a folder of sweep runs")
@@ -402,7 +437,7 @@ def report(runs_dir, out=None, at="final", header="", pending=(), checkpoints=Fa
     if not every_run and not pending:
         raise FileNotFoundError(f"no runs (folders with config.json or point.toml) in {runs_dir}")
     write_csv_atomic(out / "results.csv", every_run + list(pending), COLUMNS)
-    rows, other_budget = at_batch_budget(every_run)
+    rows, other_budget = at_batch_budget(every_run, equal_cost)
     # Several training subsets (data.subset_seed): settings are chosen on the first and
     # applied unchanged to the others, which play no part in any choice.
     subsets = sorted({r["subset_seed"] for r in rows})
@@ -433,7 +468,9 @@ def report(runs_dir, out=None, at="final", header="", pending=(), checkpoints=Fa
                               for (b, o), v in sorted(per.items()))
                   + f". Total over {len(walls)} points: {own / 3600:.2f} h"
                   + (" (a continued run counts only its own part)" if own < sum(walls) else "") + ".\n")
-    text = (header + table + _other_budgets_note(other_budget) + archive.restored_note(run_dirs(runs_dir))
+    cost_note = ("\nEqual cost: every batch is read at one budget of gradient passes per sample "
+                 "(epochs × 2 for a two-pass method, × 1 for SGD).\n") if equal_cost else ""
+    text = (header + table + cost_note + _other_budgets_note(other_budget, equal_cost) + archive.restored_note(run_dirs(runs_dir))
             + ("\n" + recovery if recovery else "") + timing)
     write_text_atomic(out / "table.md", text)
     files = plots(rows, by_subset, out) if by_subset else []

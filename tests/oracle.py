@@ -40,8 +40,30 @@ def least_squares_grad(params, x, y):
     return float(np.mean(r**2)), [2.0 * x.T @ r / len(y)]
 
 
-def gradalign_direction(grad_fn, params, micro_batches, beta):
-    """h = Σ_j w_j ∇f_j(x + β(g_j − ḡ)) and V = Σ_j w_j ‖g_j − ḡ‖², with ḡ = Σ_j w_j g_j and
+def _norm(values):
+    return float(np.sqrt(sum(np.sum(v ** 2) for v in values)))
+
+
+def _ascent(u, x, rho, adaptive):
+    """ρ u/‖u‖, or ASAM's ρ T² u/‖T u‖ with T = |x| + 0.01; zero for a zero u."""
+    t = [np.abs(w) + 0.01 if adaptive else np.ones_like(w) for w in x]
+    n = _norm([ti * ui for ti, ui in zip(t, u)])
+    return [np.zeros_like(ui) if n == 0 else rho * ti ** 2 * ui / n for ti, ui in zip(t, u)]
+
+
+# v_j per method (docs/algorithm.md, "The two-pass family"): (g_j, ḡ, x, strength) -> v_j.
+DISPLACEMENTS = {
+    "gradalign": lambda gj, gb, x, s: [s * (a - b) for a, b in zip(gj, gb)],
+    "grad_penalty": lambda gj, gb, x, s: [s * a for a in gj],
+    "sam": lambda gj, gb, x, s: _ascent(gj, x, s, False),
+    "sam_global": lambda gj, gb, x, s: _ascent(gb, x, s, False),
+    "asam": lambda gj, gb, x, s: _ascent(gj, x, s, True),
+    "asam_global": lambda gj, gb, x, s: _ascent(gb, x, s, True),
+}
+
+
+def two_pass_direction(grad_fn, params, micro_batches, strength, method="gradalign"):
+    """h = Σ_j w_j ∇f_j(x + v_j) and V = Σ_j w_j ‖g_j − ḡ‖², with ḡ = Σ_j w_j g_j and
     w_j = n_j / N, micro-batch j's share of the samples (1/M when all are equal)."""
     w = np.array([len(yj) for _, yj in micro_batches], dtype=np.float64)
     w /= w.sum()
@@ -54,11 +76,16 @@ def gradalign_direction(grad_fn, params, micro_batches, beta):
     variance = mean([sum(np.sum((gj[i] - g_bar[i]) ** 2) for i in range(len(params))) for gj in g])
     h = []
     for (xj, yj), gj in zip(micro_batches, g):
-        displaced = [p + beta * (gji - gbi) for p, gji, gbi in zip(params, gj, g_bar)]
-        h.append(grad_fn(displaced, xj, yj)[1])
+        v = DISPLACEMENTS[method](gj, g_bar, params, strength)
+        h.append(grad_fn([p + vi for p, vi in zip(params, v)], xj, yj)[1])
     h_bar = [mean([hj[i] for hj in h]) for i in range(len(params))]
     sq = sum(np.sum(gb**2) for gb in g_bar)
     return h_bar, variance, variance / sq
+
+
+def gradalign_direction(grad_fn, params, micro_batches, beta):
+    """GradAlign's h: v_j = β(g_j − ḡ)."""
+    return two_pass_direction(grad_fn, params, micro_batches, beta, "gradalign")
 
 
 def variance(grad_fn, params, micro_batches):
@@ -83,8 +110,10 @@ class SGD:
         return [p + m for p, m in zip(params, self.m)]
 
 
-def train(grad_fn, params, x, y, global_batch, micro_batches_total, betas, optimizer, lrs=None):
-    """Run len(betas) GradAlign updates over consecutive global batches of (x, y).
+def train(grad_fn, params, x, y, global_batch, micro_batches_total, betas, optimizer, lrs=None,
+          method="gradalign"):
+    """Run len(betas) two-pass updates (``method``'s displacement, strength betas[t]) over
+    consecutive global batches of (x, y).
 
     Returns the final params and the per-update V."""
     params = [p.copy() for p in params]
@@ -93,7 +122,7 @@ def train(grad_fn, params, x, y, global_batch, micro_batches_total, betas, optim
     for t, beta in enumerate(betas):
         xs, ys = x[t * global_batch:(t + 1) * global_batch], y[t * global_batch:(t + 1) * global_batch]
         mbs = [(xs[j * b:(j + 1) * b], ys[j * b:(j + 1) * b]) for j in range(micro_batches_total)]
-        h, v, _ = gradalign_direction(grad_fn, params, mbs, beta)
+        h, v, _ = two_pass_direction(grad_fn, params, mbs, beta, method)
         variances.append(v)
         params = optimizer.step(params, h, None if lrs is None else lrs[t])
     return params, variances

@@ -36,7 +36,21 @@ SCENARIOS = {
     "ga_mlp_beta_follows_lr": ("mlp", dict(lr=(0.25, 0.125), beta_lr_ratio=2.0), M_TOTAL),
     "dp_mlp": ("mlp", dict(lr=0.25, distributed=True), None),
     "ga_beta0_mlp": ("mlp", dict(lr=0.25, beta=0.0), "one per worker"),
+    # The rest of the two-pass family on the same step (strength in "beta": ρ for SAM).
+    "tp_sam_mlp": ("mlp", dict(lr=0.25, method="sam", beta=0.5), M_TOTAL),
+    "tp_sam_global_mlp": ("mlp", dict(lr=0.125, momentum=0.5, method="sam_global", beta=0.5), M_TOTAL),
+    "tp_asam_softmax": ("softmax", dict(lr=0.25, method="asam", beta=0.5), M_TOTAL),
+    "tp_penalty_mlp": ("mlp", dict(lr=0.125, momentum=0.5, method="grad_penalty", beta=0.5), M_TOTAL),
+    "tp_penalty_follows_lr": ("mlp", dict(lr=(0.25, 0.125), method="grad_penalty", beta_lr_ratio=2.0), M_TOTAL),
+    # Strength 0: exactly the data-parallel step (dp_mlp), bit for bit (one micro-batch per
+    # worker, so that the first pass sums what the data-parallel step sums).
+    "tp_sam_rho0_mlp": ("mlp", dict(lr=0.25, method="sam", beta=0.0), "one per worker"),
+    "tp_penalty0_mlp": ("mlp", dict(lr=0.25, method="grad_penalty", beta=0.0), "one per worker"),
 }
+
+# Scenarios whose two-pass step has a strength > 0 (checked against the oracle's method).
+TWO_PASS = [n for n, (_, spec, _) in SCENARIOS.items()
+            if n.startswith(("ga_", "tp_")) and (spec.get("beta") or spec.get("beta_lr_ratio"))]
 
 
 def local_slice(x, rank, size):
@@ -73,6 +87,14 @@ def make_optimizer(spec, micro_batches):
     inner = keras.optimizers.SGD(lr, momentum=spec.get("momentum", 0.0))
     if spec.get("distributed"):
         return hga.DistributedOptimizer(inner)
+    method = spec.get("method", "gradalign")
+    if method == "grad_penalty":
+        if "beta_lr_ratio" in spec:
+            return hga.GradientPenalty(inner, strength_lr_ratio=spec["beta_lr_ratio"], micro_batches=micro_batches)
+        return hga.GradientPenalty(inner, strength=spec["beta"], micro_batches=micro_batches)
+    if method != "gradalign":
+        return hga.SAM(inner, rho=spec["beta"], micro_batches=micro_batches, adaptive=method.startswith("asam"),
+                       scope="global" if method.endswith("_global") else "micro_batch")
     if "beta_lr_ratio" in spec:
         return hga.GradAlign(inner, beta_lr_ratio=spec["beta_lr_ratio"], micro_batches=micro_batches)
     return hga.GradAlign(inner, beta=spec["beta"], micro_batches=micro_batches)
@@ -113,7 +135,7 @@ def oracle(name):
         betas = [spec.get("beta", 0.0)] * STEPS
     m = M_TOTAL if isinstance(m_total, int) else 1  # β = 0: micro-batching changes nothing
     return ref.train(grad_fn, initial_params(kind), x, y, GLOBAL_BATCH, m, betas,
-                     ref.SGD(lrs[0], spec.get("momentum", 0.0)), lrs=lrs)
+                     ref.SGD(lrs[0], spec.get("momentum", 0.0)), lrs=lrs, method=spec.get("method", "gradalign"))
 
 
 # Batches that do not split evenly (any batch fit gives GradAlign): the samples each
@@ -124,6 +146,9 @@ def oracle(name):
 UNEVEN = {
     "uneven_ga": dict(lr=0.25, momentum=0.5, beta=0.5),
     "uneven_beta0": dict(lr=0.25, momentum=0.5, beta=0.0),
+    "uneven_sam": dict(lr=0.25, momentum=0.5, method="sam", beta=0.5),
+    "uneven_sam_global": dict(lr=0.25, momentum=0.5, method="sam_global", beta=0.5),
+    "uneven_penalty": dict(lr=0.25, momentum=0.5, method="grad_penalty", beta=0.5),
 }
 UNEVEN_SAMPLES = {1: [27], 2: [14, 10]}
 UNEVEN_BATCH, UNEVEN_M = 8, 3
@@ -171,7 +196,8 @@ def oracle_uneven(name, size):
             for n in micro_batch_sizes(len(yb), UNEVEN_M):
                 slices.append((xb[start:start + n], yb[start:start + n]))
                 start += n
-        h, v, _ = ref.gradalign_direction(ref.mlp_grad, params, slices, spec["beta"])
+        h, v, _ = ref.two_pass_direction(ref.mlp_grad, params, slices, spec["beta"],
+                                         spec.get("method", "gradalign"))
         variances.append(v)
         params = opt.step(params, h)
     return params, variances

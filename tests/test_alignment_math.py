@@ -102,3 +102,72 @@ def test_direction_approaches_beta_grad_half_variance(hvd):
     assert errors[-1] < 1e-3
     # relative remainder O(β): shrinks about tenfold per decade of β
     assert errors[0] > 5 * errors[1] > 25 * errors[2]
+
+
+def _mb_gradients(params, mbs):
+    return [ref.softmax_regression_grad(params, xj, yj)[1] for xj, yj in mbs]
+
+
+def _flat(values):
+    return np.concatenate([v.ravel() for v in values])
+
+
+# The regulariser each displacement follows to first order (docs/algorithm.md's table),
+# per unit strength: mean h_j − ḡ → strength · ∇R.
+REGULARISERS = {
+    "grad_penalty": lambda p, mbs: 0.5 * np.mean([np.sum(_flat(g) ** 2) for g in _mb_gradients(p, mbs)]),
+    "sam": lambda p, mbs: np.mean([np.linalg.norm(_flat(g)) for g in _mb_gradients(p, mbs)]),
+    "sam_global": lambda p, mbs: np.linalg.norm(np.mean([_flat(g) for g in _mb_gradients(p, mbs)], axis=0)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(REGULARISERS))
+def test_two_pass_direction_approaches_its_regulariser(hvd, method):
+    """SAM (per micro-batch and global) and the penalty: (1/M) Σ h_j − ḡ → s ∇R as the
+    strength s → 0, R from the table (mean ‖g_j‖, ‖ḡ‖, mean ‖g_j‖²/2); ∇R by central
+    finite differences; the remainder shrinks with s."""
+    from hvd_gradalign import displacements
+
+    rule = {"grad_penalty": displacements.grad_penalty, "sam": displacements.sam(),
+            "sam_global": displacements.sam_global()}[method]
+    x, y, params, mbs = _softmax_problem()
+
+    def direction(strength):
+        w, c = tf.Variable(params[0]), tf.Variable(params[1])
+
+        def loss_fn(mb):
+            xb, yb = mb
+            logits = tf.matmul(xb, w) + c
+            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits)), logits
+
+        result = hga.two_pass_gradients(loss_fn, [w, c], (tf.constant(x), tf.constant(y)), 3,
+                                        tf.constant(strength, tf.float64), rule)
+        np.testing.assert_array_equal(w.numpy(), params[0])  # displaced weights are thrown away
+        return _flat([g.numpy() for g in result.gradients])
+
+    reg, eps = REGULARISERS[method], 1e-6
+    target = []
+    for p_index, p in enumerate(params):
+        for idx in np.ndindex(p.shape):
+            plus = [q.copy() for q in params]
+            minus = [q.copy() for q in params]
+            plus[p_index][idx] += eps
+            minus[p_index][idx] -= eps
+            target.append((reg(plus, mbs) - reg(minus, mbs)) / (2 * eps))
+    target = np.array(target)
+    g_bar = direction(0.0)
+    errors = [np.linalg.norm(direction(s) - g_bar - s * target) / np.linalg.norm(s * target)
+              for s in (1e-1, 1e-2, 1e-3)]
+    assert errors[-1] < 1e-3
+    assert errors[0] > 5 * errors[1] > 25 * errors[2]
+
+
+def test_sam_zero_gradient_is_no_displacement(hvd):
+    """A micro-batch whose gradient is zero gets v = 0 (never a division by zero)."""
+    from hvd_gradalign import displacements
+
+    zero = [tf.zeros((2, 2), tf.float64), None]
+    for rule in (displacements.sam(), displacements.sam(adaptive=True), displacements.sam_global()):
+        v = rule(zero, zero, [tf.ones((2, 2), tf.float64), None], tf.constant(0.5, tf.float64))
+        assert v[1] is None
+        np.testing.assert_array_equal(v[0].numpy(), np.zeros((2, 2)))

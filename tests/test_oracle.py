@@ -6,7 +6,7 @@ import pytest
 from tests import scenarios
 from tests.conftest import horovodrun
 
-GA_SCENARIOS = [n for n in scenarios.SCENARIOS if n.startswith("ga_") and "beta0" not in n]
+GA_SCENARIOS = scenarios.TWO_PASS  # GradAlign, SAM (per micro-batch, global, adaptive), the penalty
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,37 @@ def test_beta0_equals_distributed_optimizer_two_workers(two_workers):
         for a, b in zip(weights_of(two_workers[rank], "ga_beta0_mlp"), weights_of(two_workers[rank], "dp_mlp")):
             np.testing.assert_array_equal(a, b)
     assert_weights_close(weights_of(two_workers[0], "dp_mlp"), scenarios.oracle("dp_mlp")[0])
+
+
+@pytest.mark.parametrize("name", ["tp_sam_rho0_mlp", "tp_penalty0_mlp"])
+def test_strength0_equals_distributed_optimizer_one_worker(one_worker, name):
+    """ρ = 0 (SAM) and strength 0 (the penalty) are exactly data-parallel SGD."""
+    for a, b in zip(one_worker[name][0], one_worker["dp_mlp"][0]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("name", ["tp_sam_rho0_mlp", "tp_penalty0_mlp"])
+def test_strength0_equals_distributed_optimizer_two_workers(two_workers, name):
+    for rank in (0, 1):
+        for a, b in zip(weights_of(two_workers[rank], name), weights_of(two_workers[rank], "dp_mlp")):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_two_pass_methods_differ_from_each_other_and_from_sgd():
+    """Each displacement changes the result, and differently: an oracle test of one
+    method cannot pass with another method's rule."""
+    from tests import oracle as ref
+
+    x, y = scenarios.data()
+    params = scenarios.initial_params("mlp")
+    mbs = [(x[j * 8:(j + 1) * 8], y[j * 8:(j + 1) * 8]) for j in range(4)]
+    h = {m: ref.two_pass_direction(ref.mlp_grad, params, mbs, 0.5, m)[0] for m in ref.DISPLACEMENTS}
+    h["sgd"] = ref.two_pass_direction(ref.mlp_grad, params, mbs, 0.0)[0]
+    names = sorted(h)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert max(np.abs(u - v).max() for u, v in zip(h[a], h[b])) > 1e-4, (a, b)
 
 
 def test_logged_variance_matches_oracle_one_worker(one_worker):

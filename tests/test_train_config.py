@@ -372,3 +372,59 @@ def test_every_optim_key_reaches_the_optimizer_the_run_builds(hvd):
     assert built("--optimizer", "gradalign", "--set", "optim.micro_batch_size=128").micro_batches == 8
     follows = built("--optimizer", "gradalign", "--lr", "0.1", "--beta", "0.2", "--set", "optim.beta_follows_lr=true")
     assert follows.beta is None and follows.beta_lr_ratio == pytest.approx(0.2 / 0.8)
+
+
+def test_two_pass_optimizers_and_their_keys_reach_the_step(hvd):
+    """optim.optimizer = sam / grad_penalty builds that method with the config's strength,
+    scope and micro-batches; each SAM key changes the displacement the step takes."""
+    import tensorflow as tf
+
+    import hvd_gradalign as hga
+    from train.run import build_optimizer
+
+    def built(*argv):
+        return build_optimizer(load(["--batch-size", "1024", *argv]), 10, 1)
+
+    sam = built("--optimizer", "sam", "--set", "optim.rho=0.3", "--set", "optim.micro_batch_size=128")
+    assert isinstance(sam, hga.SAM) and (sam.rho, sam.scope, sam.adaptive, sam.micro_batches) == (
+        0.3, "micro_batch", False, 8)
+    assert float(sam.current_strength()) == 0.3
+    glob = built("--optimizer", "sam", "--set", "optim.sam_scope=global", "--set", "optim.sam_adaptive=true")
+    assert (glob.scope, glob.adaptive, glob.rho) == ("global", True, 0.05)
+    pen = built("--optimizer", "grad_penalty", "--beta", "0.2")
+    assert isinstance(pen, hga.GradientPenalty) and not isinstance(pen, hga.GradAlign)
+    assert (pen.strength, float(pen.current_strength())) == (0.2, 0.2)
+    follows = built("--optimizer", "grad_penalty", "--lr", "0.1", "--beta", "0.2", "--set", "optim.beta_follows_lr=true")
+    assert follows.strength is None and follows.strength_lr_ratio == pytest.approx(0.2 / 0.8)
+    # What each built optimizer displaces by: g_j = (3, 4) (norm 5), ḡ = (0, 1), x = (1, 1).
+    g, g_bar, x = [tf.constant([3.0, 4.0], tf.float64)], [tf.constant([0.0, 1.0], tf.float64)], \
+        [tf.constant([1.0, 1.0], tf.float64)]
+
+    def v(opt):
+        return opt.displacement(g, g_bar, x, opt.current_strength())[0].numpy().tolist()
+
+    assert v(sam) == pytest.approx([0.3 * 0.6, 0.3 * 0.8])
+    assert v(built("--optimizer", "sam", "--set", "optim.rho=0.3", "--set", "optim.sam_scope=global")) == \
+        pytest.approx([0.0, 0.3])
+    assert v(pen) == pytest.approx([0.6, 0.8])
+    assert v(built("--optimizer", "gradalign", "--beta", "0.2")) == pytest.approx([0.6, 0.6])
+    adaptive = v(built("--optimizer", "sam", "--set", "optim.rho=0.3", "--set", "optim.sam_adaptive=true"))
+    t = 1.01  # |x| + 0.01: equal scales, so ASAM points where SAM does here
+    assert adaptive == pytest.approx([0.3 * t * 0.6, 0.3 * t * 0.8])
+
+
+def test_keys_of_another_optimizer_are_refused():
+    """A SAM key (or beta_follows_lr) set for a method that does not read it would do
+    nothing: refused with what to change."""
+    for argv in (["--optimizer", "gradalign", "--set", "optim.rho=0.2"],
+                 ["--optimizer", "sgd", "--set", "optim.sam_scope=global"],
+                 ["--optimizer", "grad_penalty", "--set", "optim.sam_adaptive=true"]):
+        with pytest.raises(ConfigError, match=r"does nothing with optim.optimizer = .*only sam reads it"):
+            load(argv)
+    with pytest.raises(ConfigError, match=r"beta_follows_lr = true does nothing with optim.optimizer = 'sam'"):
+        load(["--optimizer", "sam", "--set", "optim.beta_follows_lr=true"])
+    with pytest.raises(ConfigError, match=r"optim.rho must be a finite number >= 0"):
+        load(["--optimizer", "sam", "--set", "optim.rho=-0.1"])
+    with pytest.raises(ConfigError, match=r"optim.sam_scope = 'batch'; choose one of"):
+        load(["--optimizer", "sam", "--set", "optim.sam_scope=batch"])
+    assert load(["--optimizer", "sam", "--set", "optim.rho=0.2"])["optim"]["rho"] == 0.2

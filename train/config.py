@@ -36,7 +36,12 @@ RUN_NEUTRAL = {("train", "resume"), ("train", "verbose"), ("train", "checkpoint_
 ADDED_LATER = {("data", "subset_seed"): -1,
                ("optim", "warmup_from"): "lr",  # the old warmup; where it could not ramp it is now refused
                ("federated", "server_optimizer"): "sgd", ("federated", "server_beta1"): 0.9,
-               ("federated", "server_beta2"): 0.99, ("federated", "server_epsilon"): 1e-3}
+               ("federated", "server_beta2"): 0.99, ("federated", "server_epsilon"): 1e-3,
+               ("optim", "rho"): 0.05, ("optim", "sam_scope"): "micro_batch", ("optim", "sam_adaptive"): False}
+
+# Keys that only one optim.optimizer reads: set away from their defaults for another,
+# they would silently do nothing, so they are refused.
+SAM_ONLY = (("optim", "rho"), ("optim", "sam_scope"), ("optim", "sam_adaptive"))
 
 
 # Keys that only distributed epochs read, with what a federated run uses instead. Set
@@ -61,6 +66,9 @@ DISTRIBUTED_ONLY = {
     ("optim", "micro_batches"): "FedGA's clients are its micro-batches",
     ("optim", "micro_batch_size"): "FedGA's clients are its micro-batches",
     ("optim", "log_alignment"): "V is measured every federated.variance_every rounds",
+    ("optim", "rho"): "SAM is an optim.optimizer of distributed runs",
+    ("optim", "sam_scope"): "SAM is an optim.optimizer of distributed runs",
+    ("optim", "sam_adaptive"): "SAM is an optim.optimizer of distributed runs",
     ("data", "augment"): "federated clients read the images as they are",
 }
 
@@ -72,11 +80,12 @@ def is_federated(config: dict) -> bool:
 
 
 def uses_beta(config: dict) -> bool:
-    """Whether optim.beta takes part in what a config computes: GradAlign's distributed
-    step, or FedGA's rounds (whatever optim.optimizer says, which rounds do not read)."""
+    """Whether optim.beta takes part in what a config computes: GradAlign's or the gradient
+    penalty's distributed step, or FedGA's rounds (whatever optim.optimizer says, which
+    rounds do not read)."""
     if is_federated(config):
         return config["federated"]["algorithm"] == "fedga"
-    return config["optim"]["optimizer"] == "gradalign"
+    return config["optim"]["optimizer"] in ("gradalign", "grad_penalty")
 
 
 # What a run is asked to do for how long: continuing a run to a larger budget is the
@@ -224,6 +233,17 @@ def _check_no_silent_keys(config: dict) -> None:
                     f"(federated.algorithm = {config['federated']['algorithm']!r}): {instead}; "
                     f"remove it or set it back to {DEFAULTS[section][key]!r}")
         return
+    if config["optim"]["beta_follows_lr"] and not uses_beta(config):
+        raise ConfigError(
+            f"optim.beta_follows_lr = true does nothing with optim.optimizer = "
+            f"{config['optim']['optimizer']!r} (only gradalign and grad_penalty have a β); remove it")
+    if config["optim"]["optimizer"] != "sam":
+        for section, key in SAM_ONLY:
+            if config[section][key] != DEFAULTS[section][key]:
+                raise ConfigError(
+                    f"{section}.{key} = {config[section][key]!r} does nothing with optim.optimizer = "
+                    f"{config['optim']['optimizer']!r} (only sam reads it); set optim.optimizer = \"sam\" "
+                    f"or remove {section}.{key}")
     changed = sorted(k for k, v in config["federated"].items()
                      if k != "algorithm" and v != DEFAULTS["federated"][k])
     if changed:

@@ -37,7 +37,8 @@ class EpochStats(keras.callbacks.Callback):
         opt = self.model.optimizer
         train_time = max(self._t_last - self._t0, 1e-9)
         logs["lr"] = float(np.asarray(opt.learning_rate))
-        logs["beta"] = float(opt.current_beta()) if isinstance(opt, hga.GradAlign) else 0.0
+        # The two-pass displacement's strength: GradAlign's and the penalty's β, SAM's ρ.
+        logs["beta"] = float(opt.current_strength()) if isinstance(opt, hga.TwoPassOptimizer) else 0.0
         logs["epoch_time"] = time.perf_counter() - self._t0
         logs["images_per_sec"] = self._batches * self.global_batch / train_time
         logs["wall_time"] = self.wall_time_before + time.perf_counter() - self._started

@@ -44,6 +44,13 @@ def build_optimizer(config, steps_per_epoch, workers):
         if o["beta_follows_lr"]:
             return hga.GradAlign(inner, beta_lr_ratio=o["beta"] / peak, micro_batches=m)
         return hga.GradAlign(inner, beta=o["beta"], micro_batches=m)
+    if o["optimizer"] == "grad_penalty":
+        if o["beta_follows_lr"]:
+            return hga.GradientPenalty(inner, strength_lr_ratio=o["beta"] / peak, micro_batches=m)
+        return hga.GradientPenalty(inner, strength=o["beta"], micro_batches=m)
+    if o["optimizer"] == "sam":
+        return hga.SAM(inner, rho=o["rho"], scope=o["sam_scope"], adaptive=o["sam_adaptive"],
+                       micro_batches=m)
     if o["log_alignment"]:
         # β = 0: exactly data-parallel SGD, plus the V metric from the micro-batched pass
         return hga.GradAlign(inner, beta=0.0, micro_batches=m)

@@ -17,13 +17,16 @@ from dataclasses import dataclass
 
 from hvd_gradalign.federated import ALGORITHMS, SERVER_OPTIMIZERS, SPLITS, FederatedConfigError, check_split
 from hvd_gradalign.models import MODELS, NORMS
-from hvd_gradalign.optimizers import INNER_OPTIMIZERS, check_alignment_strength
+from hvd_gradalign.optimizers import INNER_OPTIMIZERS, SAM_SCOPES, check_alignment_strength
 from hvd_gradalign.schedules import DECAYS, SCALING_RULES, WARMUP_STARTS
 
 
 class ConfigError(ValueError):
     pass
 
+
+# optim.optimizer's values: the data-parallel baseline and the two-pass family.
+OPTIMIZERS = ("sgd", "gradalign", "sam", "grad_penalty")
 
 # federated.algorithm's value for a distributed run (epochs of global batches, no rounds).
 NOT_FEDERATED = "none"
@@ -100,7 +103,8 @@ class ModelSection(Section):
 @dataclass
 class OptimSection(Section):
     name: typing.ClassVar[str] = "optim"
-    optimizer: str = key("gradalign", "sgd (data-parallel) | gradalign", ("sgd", "gradalign"))
+    optimizer: str = key("gradalign", "sgd (data-parallel) | gradalign | sam | grad_penalty "
+                         "(the two-pass family: docs/algorithm.md)", OPTIMIZERS)
     inner: str = key("sgd", "the optimizer that applies the averaged gradient", INNER_OPTIMIZERS)
     lr: float = key(0.05, "base learning rate, tuned at reference_batch")
     reference_batch: int = key(128, "the batch lr was tuned at (for lr_scaling)")
@@ -114,8 +118,12 @@ class OptimSection(Section):
     nesterov: bool = key(False, "Nesterov momentum")
     weight_decay: float = key(0.0, "the inner optimizer's weight decay")
     clipnorm: float = key(0.0, "0 = no clipping (global norm)")
-    beta: float = key(0.025, "GradAlign's (and FedGA's) alignment strength β")
+    beta: float = key(0.025, "grad_penalty's strength β; GradAlign's (and FedGA's) alignment strength β")
     beta_follows_lr: bool = key(False, "β = beta × lr(t) / peak lr")
+    rho: float = key(0.05, "sam: the neighbourhood radius ρ")
+    sam_scope: str = key("micro_batch", "sam: micro_batch (each micro-batch its own ascent, "
+                         "m-sharpness) | global (along the mean gradient)", SAM_SCOPES)
+    sam_adaptive: bool = key(False, "sam: adaptive SAM (Kwon et al. 2021), ρ·T²u/‖Tu‖ with T = |x| + 0.01")
     micro_batches: int = key(4, "per worker")
     micro_batch_size: int = key(0, ">0: micro-batches of this many samples instead")
     log_alignment: bool = key(True, "sgd: report V (micro-batched first pass, no second)")
@@ -126,10 +134,11 @@ class OptimSection(Section):
         for n in ("lr", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor", "momentum"):
             if not math.isfinite(getattr(self, n)):
                 raise ConfigError(f"optim.{n} must be a finite number, got {getattr(self, n)}")
-        try:
-            check_alignment_strength("beta", self.beta)
-        except ValueError as err:
-            raise ConfigError(f"optim.{err}") from None
+        for n in ("beta", "rho"):
+            try:
+                check_alignment_strength(n, getattr(self, n))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"optim.{err}") from None
         self._at_least(0, ("warmup_epochs", "weight_decay", "clipnorm", "decay_factor"))
         self._at_least(0, ("micro_batch_size",), why=" (0 = use optim.micro_batches)")
         if self.decay == "step" and not self.decay_epochs:
