@@ -65,6 +65,58 @@ class MetricAverage(keras.callbacks.Callback):
             logs[key] = value
 
 
+class CollectiveStop(keras.callbacks.Callback):
+    """Makes stopping collective: when any worker's ``model.stop_training`` is set during
+    a batch or an epoch end (stock TerminateOnNaN, EarlyStopping on local values, a user
+    callback), or (``stop_on_nonfinite``) any worker's loss is not finite, every worker
+    stops after that same step, and rank 0 prints one line naming the workers and why.
+    Without it the worker that stops leaves the others waiting for ever in their next
+    allreduce.
+
+    It must run after every callback that may set ``stop_training``: ``fit`` of a model
+    with a Horovod optimizer on several workers appends one at the end of its callbacks
+    by itself (hvd_gradalign.trainer), so users need not add it. One allreduce of
+    2 × workers numbers per step and per epoch end. ``stopped`` lists (rank, reason) of
+    the workers that asked for the stop, on every worker."""
+
+    def __init__(self, stop_on_nonfinite: bool = True):
+        super().__init__()
+        self.stop_on_nonfinite = stop_on_nonfinite
+        self.stopped = []
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._agree(logs, f"epoch {self._epoch + 1}, batch {batch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._agree(None, f"the end of epoch {epoch + 1}")
+
+    def _agree(self, logs, where):
+        import math
+
+        loss = (logs or {}).get("loss")
+        bad = self.stop_on_nonfinite and loss is not None and not math.isfinite(float(loss))
+        asked = bool(self.model.stop_training)
+        n, me = distributed.size(), distributed.rank()
+        flags = [0.0] * (2 * n)
+        flags[me], flags[n + me] = float(asked), float(bad)
+        if n > 1:
+            flags = [v * n for v in distributed.allreduce_mean_numpy(flags)]
+        who = [(r, "its loss is not finite" if flags[n + r] > 0.5 else "a callback set model.stop_training")
+               for r in range(n) if flags[r] > 0.5 or flags[n + r] > 0.5]
+        if not who:
+            return
+        self.model.stop_training = True
+        if not self.stopped:
+            self.stopped = who
+            if me == 0:
+                print(f"hvd_gradalign: stopping all {n} workers after {where}: "
+                      + "; ".join(f"worker {r}: {why}" for r, why in who), flush=True)
+
+
 def callbacks(root_rank: int = 0) -> list:
     """The callbacks every Horovod ``fit`` needs, in the order they must run."""
     return [BroadcastInitialState(root_rank), MetricAverage()]

@@ -24,7 +24,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from .callbacks import BroadcastInitialState
+from .callbacks import BroadcastInitialState, CollectiveStop
 from .optimizers import TwoPassOptimizer
 from . import distributed, keras_internals
 from .steps import first_leaf, two_pass_step
@@ -149,6 +149,16 @@ def _build_from_input(model, x) -> None:
     model(tf.nest.map_structure(lambda t: t[:1], x), training=False)
 
 
+def _with_collective_stop(signature, model, args, kwargs):
+    """fit's arguments with a CollectiveStop last among its callbacks (where it sees every
+    stop_training the others set), unless the caller put one there."""
+    bound = signature.bind(model, *args, **kwargs)
+    given = list(bound.arguments.get("callbacks") or [])
+    if not any(isinstance(c, CollectiveStop) for c in given):
+        bound.arguments["callbacks"] = given + [CollectiveStop()]
+    return bound.args[1:], bound.kwargs
+
+
 _TRAINER = None  # the Keras class that defines train_step / fit / reset_metrics
 
 
@@ -179,6 +189,8 @@ def install() -> None:
             _no_xla(self)
             check_equal_steps(local_steps(bound.get("x"), bound.get("batch_size"),
                                           bound.get("validation_split") or 0.0, bound.get("steps_per_epoch")))
+            if distributed.size() > 1:
+                args, kwargs = _with_collective_stop(fit_signature, self, args, kwargs)
         try:
             return stock_fit(self, *args, **kwargs)
         except Exception:

@@ -8,7 +8,7 @@ SGD@128), per training subset.
     python -m sweeps targets runs/fashion_mnist_price runs/fashion_mnist_batch_curve \
         --target-from docs/results/fashion_mnist_batch_curve --out docs/results/fashion_mnist_price
 
-writes steps_to_target.csv (every run), steps_to_target.md (the settings each report's
+writes steps_to_target.csv (every run; ``chosen`` marks the table's), steps_to_target.md (the settings each report's
 selection chose, per subset, batch and method) and steps_to_target.png (updates to target
 against batch, log-log, with the perfect-scaling line through SGD's smallest batch).
 Evaluations come every ``train.eval_every`` epochs, so an update to target is known to
@@ -31,7 +31,7 @@ from sweeps.state import read_json
 
 COLUMNS = ["id", "subset_seed", "batch_size", "optimizer", "lr", "beta", "epochs", "seed", "target",
            "reached", "epoch_to_target", "updates_to_target", "grad_evals_to_target", "eval_every_updates",
-           "best_val_accuracy"]
+           "best_val_accuracy", "chosen"]
 
 
 def targets_from(results_csv) -> dict:
@@ -197,8 +197,11 @@ def write(runs_dirs, target_from, out) -> dict:
         raise FileNotFoundError(f"no finished run with per-evaluation metrics in {', '.join(map(str, runs_dirs))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(out / "steps_to_target.csv", [{k: m[k] for k in COLUMNS} for m in measured], COLUMNS)
     groups = chosen_runs(measured)
+    chosen_ids = {m["id"] for runs in groups.values() for m in runs}
+    for m in measured:
+        m["chosen"] = m["id"] in chosen_ids
+    write_csv_atomic(out / "steps_to_target.csv", [{k: m[k] for k in COLUMNS} for m in measured], COLUMNS)
     text = table(groups, targets)
     write_text_atomic(out / "steps_to_target.md", text)
     png = plot(groups, out)

@@ -1,0 +1,27 @@
+"""A callback that stops one worker stops them all after the same step (no hang)."""
+
+import json
+
+import pytest
+
+from tests.conftest import horovodrun
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("case, optimizer, batches, line", [
+    ("nan", "gradalign", 3, "stopping all 2 workers after epoch 1, batch 3: worker 1: its loss is not finite"),
+    ("callback", "distributed", 2, "stopping all 2 workers after epoch 1, batch 2: worker 0: a callback set "
+                                   "model.stop_training"),
+    ("none", "gradalign", 8, None),
+])
+def test_a_worker_that_stops_alone_stops_every_worker(tmp_path, case, optimizer, batches, line):
+    """Stock TerminateOnNaN with a NaN on worker 1 only, and a user callback that stops
+    worker 0 only: both workers end fit after the same batch, within the timeout (before,
+    the other worker waited in its next allreduce for ever), and rank 0 says who and why."""
+    proc = horovodrun(2, ["tests/collective_stop_script.py", case, tmp_path, optimizer], timeout=300)
+    ran = [json.loads((tmp_path / f"rank{r}.json").read_text())["batches"] for r in (0, 1)]
+    assert ran == [batches, batches]
+    if line:
+        assert line in proc.stdout
+    else:
+        assert "stopping all" not in proc.stdout
