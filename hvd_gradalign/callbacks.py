@@ -65,10 +65,22 @@ class MetricAverage(keras.callbacks.Callback):
             logs[key] = value
 
 
+def _diverged(model, loss) -> bool:
+    """A non-finite loss, except under dynamic loss scaling (mixed_float16): there a
+    non-finite step is one the LossScaleOptimizer skipped on every worker, lowering its
+    scale, and training goes on."""
+    import math
+
+    if loss is None or isinstance(getattr(model, "optimizer", None), keras.optimizers.LossScaleOptimizer):
+        return False
+    return not math.isfinite(float(loss))
+
+
 class CollectiveStop(keras.callbacks.Callback):
     """Makes stopping collective: when any worker's ``model.stop_training`` is set during
     a batch or an epoch end (stock TerminateOnNaN, EarlyStopping on local values, a user
-    callback), or (``stop_on_nonfinite``) any worker's loss is not finite, every worker
+    callback), or (``stop_on_nonfinite``) any worker's loss is not finite (except under a
+    LossScaleOptimizer, which skips such steps itself), every worker
     stops after that same step, and rank 0 prints one line naming the workers and why.
     Without it the worker that stops leaves the others waiting for ever in their next
     allreduce.
@@ -95,10 +107,8 @@ class CollectiveStop(keras.callbacks.Callback):
         self._agree(None, f"the end of epoch {epoch + 1}")
 
     def _agree(self, logs, where):
-        import math
-
         loss = (logs or {}).get("loss")
-        bad = self.stop_on_nonfinite and loss is not None and not math.isfinite(float(loss))
+        bad = self.stop_on_nonfinite and _diverged(self.model, loss)
         asked = bool(self.model.stop_training)
         n, me = distributed.size(), distributed.rank()
         flags = [0.0] * (2 * n)
@@ -188,11 +198,8 @@ class StepGuard(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        import math
-
         self.signals.step_done()
-        loss = (logs or {}).get("loss")
-        bad = loss is not None and not math.isfinite(float(loss))
+        bad = _diverged(self.model, (logs or {}).get("loss"))
         flags = [float(self.signals.received is not None), float(bad)]
         if distributed.size() > 1:
             flags = distributed.allreduce_mean_numpy(flags)

@@ -224,9 +224,10 @@ class TwoPassOptimizer(DistributedOptimizer):
         super().__init__(inner_optimizer, name=name)
         if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
             raise TypeError(
-                f"{type(self).__name__} does not support a LossScaleOptimizer inner optimizer: its two "
-                "gradient passes are not loss-scaled. Train in float32 or with the "
-                "'mixed_bfloat16' policy (no loss scaling needed).")
+                f"{type(self).__name__} cannot wrap a LossScaleOptimizer: the loss scale must cover "
+                "both gradient passes, so it goes outside: keras.optimizers.LossScaleOptimizer("
+                f"{type(self).__name__}(inner, ...)), which compile() builds by itself under the "
+                "'mixed_float16' policy.")
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}.")
         self.micro_batches = micro_batches

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
-from . import displacements, distributed
+from . import displacements, distributed, loss_scaling
 
 
 class GradAlignResult(NamedTuple):
@@ -29,6 +29,7 @@ class GradAlignResult(NamedTuple):
     outputs: object          # loss_fn's outputs at x, concatenated over micro-batches
     grad_variance: tf.Tensor        # V = mean_j ‖g_j − ḡ‖² over all micro-batches
     grad_variance_ratio: tf.Tensor  # V / ‖ḡ‖²
+    finite: tf.Tensor = True        # ḡ and h are finite (checked only under loss scaling)
 
 
 def first_leaf(data):
@@ -102,6 +103,7 @@ def two_pass_gradients(
     displacement: Callable = displacements.gradalign,
     state_variables=(),
     skip_second_pass: bool = False,
+    loss_scale=None,
 ) -> GradAlignResult:
     """The two-pass gradient for one update, averaged over all workers.
 
@@ -125,6 +127,11 @@ def two_pass_gradients(
             from the same state as the first, so each micro-batch sees the same
             dropout draw twice; the state after the step is the first pass's.
         skip_second_pass: the strength is identically zero: h = ḡ, one allreduce.
+        loss_scale: a float32 scalar (mixed_float16's dynamic scale) or None: every
+            micro-batch's loss is multiplied by it before differentiation and its
+            gradients divided by it at once, so the displacements, the means and V are
+            computed on true gradients; ``finite`` then tells whether ḡ and h are
+            finite (the same on every worker: they are allreduced means).
     """
     variables = list(variables)
     state_variables = list(state_variables)
@@ -135,14 +142,19 @@ def two_pass_gradients(
         start, size = slices.bounds(j)
         with tf.GradientTape() as tape:
             loss, outputs = loss_fn(_slice(data, start, size))
-        return loss, outputs, tape.gradient(loss, variables), size
+            scaled = loss if loss_scale is None else tf.cast(loss, tf.float32) * loss_scale
+        grads = tape.gradient(scaled, variables)
+        if loss_scale is not None:
+            grads = [None if g is None else tf.convert_to_tensor(g) / tf.cast(loss_scale, g.dtype)
+                     for g in grads]
+        return loss, outputs, grads, size
 
     x = _snapshot(variables)
     s0 = _snapshot(state_variables)
     g_stack, sizes, loss, outputs = _first_pass(gradients_on, variables, slices, mdtype)
     g_bar, mean_n, variance, ratio = _mean_gradient_and_variance(g_stack, sizes, slices.total, mdtype)
     if skip_second_pass:
-        return GradAlignResult(g_bar, loss, outputs, variance, ratio)
+        return GradAlignResult(g_bar, loss, outputs, variance, ratio, _finite(loss_scale, g_bar))
     # Same samples, same random state (dropout draw) as the first pass; the state
     # kept after the step (BatchNorm moving statistics) is the first pass's.
     s1 = _snapshot(state_variables)
@@ -151,9 +163,12 @@ def two_pass_gradients(
                          slices.count)
     _restore(variables, x)
     _restore(state_variables, s1)
-    h = distributed.allreduce_mean(h_sum)
-    return GradAlignResult([None if t is None else t / tf.cast(mean_n, t.dtype) for t in h],
-                           loss, outputs, variance, ratio)
+    h = [None if t is None else t / tf.cast(mean_n, t.dtype) for t in distributed.allreduce_mean(h_sum)]
+    return GradAlignResult(h, loss, outputs, variance, ratio, _finite(loss_scale, g_bar + h))
+
+
+def _finite(loss_scale, gradients):
+    return tf.constant(True) if loss_scale is None else loss_scaling.all_finite(gradients)
 
 
 def _first_pass(gradients_on, variables, slices, mdtype):
@@ -249,20 +264,33 @@ def two_pass_step(loss_fn: Callable, variables, optimizer, data, state_variables
     """One update of a two-pass optimizer (GradAlign, SAM, GradientPenalty) for a custom
     training loop.
 
-    ``loss_fn`` and the other arguments are those of :func:`two_pass_gradients`. Wrap
-    the call in ``tf.function`` (without ``jit_compile``) for speed.
+    ``optimizer`` is the two-pass optimizer, or a ``keras.optimizers.LossScaleOptimizer``
+    around one (what ``compile`` makes under the ``mixed_float16`` policy): then both
+    passes are loss-scaled and an update whose ḡ or h is not finite is skipped on every
+    worker and the scale halved (``hvd_gradalign.loss_scaling``). ``loss_fn`` and the
+    other arguments are those of :func:`two_pass_gradients`. Wrap the call in
+    ``tf.function`` (without ``jit_compile``) for speed.
     """
     variables = list(variables)
+    scaler, method = loss_scaling.unwrap(optimizer)
+    if scaler is not None:
+        loss_scaling.ensure_built(scaler, variables)
+    method._ensure_built(variables)
     result = two_pass_gradients(
         loss_fn, variables, data,
-        micro_batches=optimizer.micro_batches,
-        strength=optimizer.current_strength(),
-        displacement=optimizer.displacement,
+        micro_batches=method.micro_batches,
+        strength=method.current_strength(),
+        displacement=method.displacement,
         state_variables=state_variables,
-        skip_second_pass=optimizer.is_plain_data_parallel,
+        skip_second_pass=method.is_plain_data_parallel,
+        loss_scale=None if scaler is None else scaler.dynamic_scale,
     )
-    optimizer.apply_averaged(result.gradients, variables)
-    return result
+    if scaler is None:
+        method.apply_averaged(result.gradients, variables)
+        return result
+    applied = loss_scaling.apply_if_finite(
+        scaler, result.finite, lambda: method.apply_averaged(result.gradients, variables))
+    return result._replace(finite=applied)
 
 
 # The name custom loops have used since GradAlign was the only two-pass method.

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from .callbacks import BroadcastInitialState, CollectiveStop
 from .optimizers import TwoPassOptimizer
-from . import distributed, keras_internals
+from . import distributed, keras_internals, loss_scaling
 from .steps import first_leaf, two_pass_step
 
 GRAD_VARIANCE = "grad_variance"
@@ -64,8 +64,10 @@ def keras_gradalign_train_step(model: keras.Model, data, trackers: _AlignmentTra
     )
     batch = tf.shape(first_leaf(x))[0]
     keras_internals.loss_tracker(model).update_state(result.loss, sample_weight=batch)
-    trackers.variance.update_state(result.grad_variance)
-    trackers.ratio.update_state(result.grad_variance_ratio)
+    # An update skipped for a non-finite gradient (mixed_float16) has no V to average in.
+    counted = tf.cast(result.finite, result.grad_variance.dtype)
+    trackers.variance.update_state(tf.where(result.finite, result.grad_variance, 0.0), sample_weight=counted)
+    trackers.ratio.update_state(tf.where(result.finite, result.grad_variance_ratio, 0.0), sample_weight=counted)
     logs = model.compute_metrics(x, y, result.outputs, sample_weight=sample_weight)
     logs[GRAD_VARIANCE] = trackers.variance.result()
     logs[GRAD_VARIANCE_RATIO] = trackers.ratio.result()
@@ -121,10 +123,19 @@ def _trackers(model) -> _AlignmentTrackers:
     return trackers
 
 
+def _method(model):
+    """The model's optimizer, seen through a LossScaleOptimizer (mixed_float16)."""
+    return loss_scaling.unwrap(getattr(model, "optimizer", None))[1]
+
+
+def _is_two_pass(model) -> bool:
+    return isinstance(_method(model), TwoPassOptimizer)
+
+
 def _uses_horovod(model) -> bool:
     from .optimizers import DistributedOptimizer
 
-    return isinstance(getattr(model, "optimizer", None), DistributedOptimizer)
+    return isinstance(_method(model), DistributedOptimizer)
 
 
 def _no_xla(model) -> None:
@@ -168,6 +179,7 @@ trainer_class = keras_internals.trainer_class
 def install() -> None:
     """Install the GradAlign dispatch into Keras' trainer (idempotent)."""
     global _TRAINER
+    loss_scaling.install()
     if _TRAINER is not None:
         return
     owner = trainer_class()
@@ -175,7 +187,7 @@ def install() -> None:
     fit_signature = inspect.signature(stock_fit)
 
     def train_step(self, data):
-        if isinstance(self.optimizer, TwoPassOptimizer):
+        if _is_two_pass(self):
             return keras_gradalign_train_step(self, data, _trackers(self))
         return stock_train_step(self, data)
 
@@ -197,7 +209,7 @@ def install() -> None:
             # A step that failed while being traced (a wrong input shape, say) leaves a
             # train function Keras would reuse and that can never run again: drop it, as
             # wrap() does, so that the next fit traces afresh (plain Keras recovers too).
-            if isinstance(self.optimizer, TwoPassOptimizer):
+            if _is_two_pass(self):
                 self.train_function = None
             raise
 

@@ -34,7 +34,7 @@ class EpochStats(keras.callbacks.Callback):
         self._t_last = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        opt = self.model.optimizer
+        opt = hga.loss_scaling.unwrap(self.model.optimizer)[1]
         train_time = max(self._t_last - self._t0, 1e-9)
         logs["lr"] = float(np.asarray(opt.learning_rate))
         # The two-pass displacement's strength: GradAlign's and the penalty's β, SAM's ρ.
