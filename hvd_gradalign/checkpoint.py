@@ -46,12 +46,17 @@ def write_text_atomic(path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk leaves the old file as it was and no half-written one beside it.
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_csv_atomic(path, rows, fieldnames) -> None:
@@ -71,16 +76,46 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+class SaveError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota, a lost mount); the
+    checkpoints already there are untouched and its temporary folder is gone."""
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _save_error(root: Path, name: str, tmp: Path, err: OSError) -> SaveError:
+    written = _size(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = sorted(p for p in root.glob("ckpt-*") if p.is_dir())
+    # The model does not grow between checkpoints: the last complete one is the size to free.
+    needed = _size(previous[-1]) if previous else written
+    try:
+        free = f"{shutil.disk_usage(root).free / 1e6:,.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    kept = f"the last good checkpoint {previous[-1].name} is untouched" if previous else "no earlier checkpoint"
+    return SaveError(
+        f"could not save checkpoint {name} in {root}: {err.strerror or err} "
+        f"({'at least ' if not previous else ''}{needed / 1e6:,.1f} MB needed, {free}); {kept}. "
+        "Free space (or point train.run_dir elsewhere) and re-run the same command to resume.")
+
+
 def save(root, model: keras.Model, epoch: int, step: int = 0, keep: int = 2, **state) -> Path:
-    """Save ``model`` (with optimizer) as the checkpoint at (``epoch``, ``step``)."""
+    """Save ``model`` (with optimizer) as the checkpoint at (``epoch``, ``step``).
+    Raises SaveError when the disk (or anything else) refuses a write."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{epoch:06d}-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
-    os.chmod(tmp, 0o777 & ~_umask())
-    model.save(tmp / "model.keras")
-    write_text_atomic(tmp / "state.json", json.dumps({"epoch": epoch, "step": step, **state}))
-    write_manifest(tmp, PAYLOAD)
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        model.save(tmp / "model.keras")
+        write_text_atomic(tmp / "state.json", json.dumps({"epoch": epoch, "step": step, **state}))
+        write_manifest(tmp, PAYLOAD)
+    except OSError as err:
+        raise _save_error(root, name, tmp, err) from err
     final = root / name
     if final.exists():
         shutil.rmtree(final)

@@ -299,3 +299,44 @@ def test_the_progress_bar_of_a_cut_short_epoch_ends_where_it_stopped(capsys):
         progress.on_epoch_end(epoch, {"loss": 1.0})
     out = capsys.readouterr().out
     assert "156/156" in out and "53/156" in out and out.count("156/156") == 1, out
+
+
+def _file_size_limit(limit):
+    """preexec_fn: writes past ``limit`` bytes per file fail with OSError (EFBIG), as
+    on a disk with that much room left, instead of killing the process with SIGXFSZ."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.horovod
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_cleanly_on_every_worker(tmp_path):
+    """Epoch 1 is checkpointed; the resumed run's checkpoint at epoch 2 meets a disk
+    that refuses large files. Both workers stop (no hang in the next allreduce), rank 0
+    says in one line where and how much room it needs, the worker exits 74, the
+    half-written folder is removed, summary.json says interrupted, and the epoch-1
+    checkpoint is intact (a re-run resumes from it, as tested above)."""
+    from train.launch import horovodrun_command
+
+    run_dir = tmp_path / "run"
+    args = ["--run-dir", str(run_dir), "--verbose", "0", *SMALL]
+    first = subprocess.run(horovodrun_command(2, ["-m", "train", *args, "--epochs", "1"]), cwd=REPO,
+                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "ckpt-000001-000000"
+    model_bytes = (ckpt / "model.keras").stat().st_size
+    assert model_bytes > 200_000  # far above every other file the run writes
+    full = subprocess.run(horovodrun_command(2, ["-m", "train", *args, "--epochs", "2"]), cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=_file_size_limit(100_000))
+    out = full.stdout + full.stderr
+    assert full.returncode != 0 and "Exit code: 74" in out, out[-3000:]
+    errors = [line for line in out.splitlines() if "error: could not save checkpoint ckpt-000002-000000" in line]
+    assert len(errors) == 1, out[-3000:]
+    assert "MB needed" in errors[0] and "ckpt-000001-000000 is untouched" in errors[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["LATEST", "ckpt-000001-000000"]
+    assert checkpoint.verify(ckpt) is None
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"

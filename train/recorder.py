@@ -108,6 +108,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.resume_at = resume_at  # (epoch, batches of it done before this session)
         self.rank0 = hga.rank() == 0
         self.last_saved = None
+        self.write_error = None  # the OSError (checkpoint.SaveError among them) that stopped the run
 
     def _batches_done(self, epoch):
         interrupted = self.guard.interrupted_at
@@ -123,6 +124,13 @@ class RunRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.diverged:
             return
+        try:
+            self._record(epoch, logs)
+        except (OSError, checkpoint.SaveError) as err:  # rank 0's writes: a full disk, a quota, a lost mount
+            self.write_error = err
+        self._agree_on_write_error()
+
+    def _record(self, epoch, logs):
         done = self._batches_done(epoch)
         if done < self.steps:
             self.save(epoch, done)
@@ -134,6 +142,17 @@ class RunRecorder(keras.callbacks.Callback):
         if (self.every and (epoch + 1) % self.every == 0) or epoch + 1 == self.epochs \
                 or self.guard.interrupted_at is not None:
             self.save(epoch + 1, 0)
+
+    def _agree_on_write_error(self):
+        """Only rank 0 writes; every worker must stop with it, or the others would wait
+        for ever in the next epoch's first allreduce."""
+        failed = float(self.write_error is not None)
+        if hga.size() > 1:
+            failed = hga.distributed.allreduce_mean_numpy([failed])[0]
+        if failed > 0:
+            self.model.stop_training = True
+            if self.write_error is None:
+                self.write_error = OSError("rank 0 could not write the run's files")
 
     def save(self, epoch, step):
         if self.rank0:

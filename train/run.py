@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from train.exit_codes import EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
+from train.exit_codes import EXIT_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SAVE_FAILED
 
 def log(msg):
     import hvd_gradalign as hga
@@ -155,12 +155,23 @@ def run_distributed(config, run_dir: Path) -> int:
     fit_remaining(start, pipes, t["epochs"], callbacks, t["verbose"] if rank == 0 else 0, guard)
     history = start.history
 
-    status = "diverged" if guard.diverged else "interrupted" if guard.interrupted_at else "finished"
+    status = "diverged" if guard.diverged else "interrupted" if guard.interrupted_at or recorder.write_error \
+        else "finished"
     if rank == 0:
-        write_summary(run_dir, status, workers, history, time.perf_counter() - t0, global_batch=t["batch_size"])
+        try:
+            write_summary(run_dir, status, workers, history, time.perf_counter() - t0, global_batch=t["batch_size"])
+        except OSError as err:
+            recorder.write_error = recorder.write_error or err
     # Nobody leaves before rank 0 has written: a launcher that sees one task exit
     # may stop the others.
     hga.distributed.barrier()
+    if recorder.write_error is not None:
+        err = recorder.write_error
+        if rank == 0:
+            if not isinstance(err, checkpoint.SaveError):
+                err = f"could not write {err.filename}: {err.strerror}; free space and re-run the same command to resume"
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_SAVE_FAILED
     if guard.diverged:
         print(f"error: the loss became NaN or infinite in epoch {len(history) + 1}; training stopped "
               f"and no checkpoint was written from the diverged state. Lower the learning rate "
