@@ -1,6 +1,6 @@
 """hvd_gradalign: large-batch data-parallel Keras 3 training on Horovod, with GradAlign."""
 
-from .callbacks import BroadcastInitialState, CollectiveStop, MetricAverage, StepGuard, StopSignals, callbacks
+from .callbacks import AverageModelState, BroadcastInitialState, CollectiveStop, MetricAverage, StepGuard, StopSignals, callbacks
 from . import loss_scaling
 from .distributed import (
     allreduce_mean,
@@ -32,7 +32,7 @@ install()
 __version__ = "0.1.0"
 
 __all__ = [
-    "BroadcastInitialState", "CollectiveStop", "loss_scaling", "DistributedOptimizer", "GRAD_VARIANCE", "GRAD_VARIANCE_RATIO",
+    "AverageModelState", "BroadcastInitialState", "CollectiveStop", "loss_scaling", "DistributedOptimizer", "GRAD_VARIANCE", "GRAD_VARIANCE_RATIO",
     "GradAlign", "GradAlignResult", "GradientPenalty", "INNER_OPTIMIZERS", "SAM", "TwoPassOptimizer",
     "two_pass_gradients", "two_pass_step", "make_inner", "MetricAverage", "StepGuard", "StopSignals", "allreduce_mean", "broadcast_variables",
     "callbacks", "gradalign_gradients", "gradalign_step", "init", "is_horovod_active",

@@ -127,9 +127,28 @@ class CollectiveStop(keras.callbacks.Callback):
                       + "; ".join(f"worker {r}: {why}" for r, why in who), flush=True)
 
 
+class AverageModelState(keras.callbacks.Callback):
+    """At the end of ``fit``, replace the model's floating-point non-trainable weights
+    (BatchNorm's moving mean and variance) by their mean over workers.
+
+    Trainable weights are identical on every worker after each step, but each worker's
+    BatchNorm layers keep moving statistics of the batches it saw, so without this
+    ``evaluate`` and ``predict`` after ``fit`` answer slightly differently per worker (and
+    a model saved on rank 0 carries rank 0's statistics only). Validation inside ``fit``
+    still uses each worker's own statistics; MetricAverage averages its results."""
+
+    def on_train_end(self, logs=None):
+        if distributed.size() == 1:
+            return
+        state = [v for v in self.model.non_trainable_variables if "float" in str(v.dtype)]
+        if state:
+            for v, mean in zip(state, distributed.allreduce_mean([v.value for v in state])):
+                v.assign(mean)
+
+
 def callbacks(root_rank: int = 0) -> list:
     """The callbacks every Horovod ``fit`` needs, in the order they must run."""
-    return [BroadcastInitialState(root_rank), MetricAverage()]
+    return [BroadcastInitialState(root_rank), MetricAverage(), AverageModelState()]
 
 
 class StopSignals:

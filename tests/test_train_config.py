@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -109,6 +110,21 @@ def test_command_line_errors():
         load(["--set", "optim.betta=1"])
     with pytest.raises(ConfigError, match="does not exist"):
         load(["--config", "/nonexistent.toml"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "optim.lr=nan"], "optim.lr must be a finite number, got nan"),
+    (["--lr", "inf"], "optim.lr must be a finite number, got inf"),
+    (["--set", "optim.beta=nan"], "beta must be a finite number >= 0, got nan"),
+])
+def test_non_finite_numbers_on_the_command_line_get_the_rule_not_a_parse_error(args, message):
+    """The command line reads numbers as a TOML file does, so nan/inf meet the same rule."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(args)
+
+
+def test_command_line_reads_toml_numbers():
+    assert load(["--set", "train.epochs=1_000"])["train"]["epochs"] == 1000
 
 
 def test_batch_must_split_into_workers_micro_batches_need_not():

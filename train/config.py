@@ -186,10 +186,13 @@ def _parse_value(key, text):
         return lowered in ("true", "1", "yes")
     if isinstance(default, (int, float, list)):
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{key}: cannot parse {text!r} as {type(default).__name__}") from err
-        return value
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+        try:  # TOML's numbers too (nan, inf, 1_000), so that the rules that follow judge them as in a file
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"{key}: cannot parse {text!r} as {type(default).__name__}") from None
     # A string may be written as in TOML ("none", 'none') or bare (none).
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         try:
