@@ -88,6 +88,9 @@ def test_training_on_two_nodes_equals_four_workers_on_one(cluster, tmp_path):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
 
 
+# Opt-in (3.5 min): the default run covers its parts apart (a SLURM job-array sweep, a
+# two-node training run, a dead node resumed).
+@pytest.mark.slow
 def test_sweep_points_span_two_nodes_and_a_preempted_point_resumes(cluster, tmp_path):
     """Each point runs on 2 nodes ([resources] nodes = 2); USR1 (SLURM's warning before
     the time limit) checkpoints one point, its array task requeues itself, and it

@@ -203,8 +203,11 @@ def test_point_state_comes_from_what_the_run_wrote(tmp_path):
     assert state.point_state(finished, wanted=300) == state.INTERRUPTED
 
 
-@pytest.mark.parametrize("signum,to_group,moved", [("SIGINT", True, False), ("SIGTERM", False, True)],
-                         ids=["ctrl-c-to-the-group", "sigterm-to-the-launcher-only-then-a-fresh-machine"])
+@pytest.mark.parametrize("signum,to_group,moved", [
+    ("SIGINT", True, False),
+    # Opt-in (1.7 min): the same resume, reached from a launcher-only signal and a moved folder.
+    pytest.param("SIGTERM", False, True, marks=pytest.mark.slow)],
+    ids=["ctrl-c-to-the-group", "sigterm-to-the-launcher-only-then-a-fresh-machine"])
 def test_interrupted_local_sweep_resumes(tmp_path, signum, to_group, moved):
     """Ctrl-C to the sweep's process group, or SIGTERM to the launcher alone (its
     point must not be left running as an orphan): the point is 'interrupted', not
@@ -351,6 +354,9 @@ def test_predecessor_is_the_longest_finished_shorter_run_of_the_same_settings(tm
     assert predecessors(sweep, pending) == {}
 
 
+# Opt-in (1.4 min): test_one_launcher_continues_a_shorter_run_that_it_finished_itself runs
+# the same continuation by default.
+@pytest.mark.slow
 def test_a_raised_budget_continues_the_shorter_finished_run(tmp_path):
     """Raising a point's epochs makes it a new point; it starts from a copy of the finished
     shorter run, ends where a straight run ends, and leaves the shorter run as it was."""
@@ -694,6 +700,9 @@ seed = [0]
 """
 
 
+# Opt-in (2 min): the default run has the SLURM job-array sweep and the local federated
+# sweep; this one joins them.
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_federated_sweep_on_two_workers_equals_one_worker_locally(tmp_path, slurm):
     """Federated points as a SLURM job array, 2 srun tasks each (clients 0, 2, 4 on rank 0,
