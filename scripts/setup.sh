@@ -102,7 +102,7 @@ stamp="$VENV/.hvd_gradalign-deps"
 want="$(cat "$REPO/setup.cfg" "$REPO/pyproject.toml" "$CONSTRAINTS" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing hvd_gradalign and its Python dependencies"
-  "$PY" -m pip install -q -c "$CONSTRAINTS" -e "$REPO[test,plot]"
+  "$PY" -m pip install -q -c "$CONSTRAINTS" -e "$REPO[test,plot,docs]"
   echo "$want" > "$stamp"
 fi
 "$PY" -c 'import hvd_gradalign'
