@@ -25,6 +25,15 @@ gradient exactly as their papers define them:
 - FedGA:    g_i = ∇f_i(x) on the client's data (or its first ``grad_samples``),
             ḡ = n-weighted mean over the participants (one allreduce), and the
             client starts from y_i = x + β (g_i − ḡ) (Dandi et al. 2022, Fig. 1).
+            Two synchronisations a round: ḡ must reach the clients before they train.
+- FedGA, one synchronisation (``fedga_1sync``): the client starts from
+            y_i = x + β (g_i − ĝ), where ĝ is the previous round's ḡ, which the
+            participants' g_i built on their way up beside their models and which comes
+            down with x. The starts then no longer average to x: they are shifted by
+            β (ḡ − ĝ) in common, so the server takes that shift back out of the
+            average, x̄ ← x̄ − β (ḡ − ĝ), which makes the round agree with two-sync FedGA
+            to first order in β. The first round has no ĝ and is a FedAvg round that
+            collects ḡ. β = 0 is FedAvg.
 
 The new global weights are the n_i-weighted mean x̄ of the participants' models
 (SCAFFOLD: the plain mean, as its paper); a server step then moves x along the
@@ -50,7 +59,25 @@ import tensorflow as tf
 from . import distributed
 from .optimizers import check_alignment_strength
 
-ALGORITHMS = ("fedavg", "fedga", "scaffold", "fedprox")
+ALGORITHMS = ("fedavg", "fedga", "fedga_1sync", "scaffold", "fedprox")
+# The algorithms that compute every participant's gradient g_i at x.
+GRADIENTS_AT_X = ("fedga", "fedga_1sync")
+
+
+@dataclass(frozen=True)
+class RoundCost:
+    """What one round costs a participating client in communication: synchronisations
+    (round trips with the server) and vectors of the model's size sent up and down."""
+    syncs: int
+    up: int
+    down: int
+
+
+# FedAvg/FedProx: x down, the model up. SCAFFOLD: x and c down, the model and the change of
+# c_i up. FedGA: x down, g_i up, ḡ down, the model up (two round trips). FedGA one-sync:
+# x and ĝ down, the model and g_i up (one round trip).
+ROUND_COST = {"fedavg": RoundCost(1, 1, 1), "fedprox": RoundCost(1, 1, 1), "scaffold": RoundCost(1, 2, 2),
+              "fedga": RoundCost(2, 2, 2), "fedga_1sync": RoundCost(1, 2, 2)}
 SERVER_OPTIMIZERS = ("sgd", "adam")
 
 
@@ -221,6 +248,7 @@ class FederatedState:
     server_velocity: list | None = None        # sgd: v; adam: the first moment m
     server_second_moment: list | None = None   # adam: v
     c: list | None = None             # SCAFFOLD server control variate
+    g_estimate: list | None = None    # fedga_1sync: ĝ, the last round's ḡ (None before round 1)
     # SCAFFOLD: every client's c_i, stacked (one variable per weight, a row per client;
     # this worker's clients' rows are the ones it updates), and which rows were set.
     c_stacked: list | None = None
@@ -239,7 +267,7 @@ class FederatedState:
         out = {f"w{i}": np.asarray(w) for i, w in enumerate(self.weights)}
         out["round"] = np.array(self.round)
         for name, values in (("v", self.server_velocity), ("s", self.server_second_moment),
-                             ("c", self.c)):
+                             ("c", self.c), ("g", self.g_estimate)):
             for i, v in enumerate(values or ()):
                 out[f"{name}{i}"] = np.asarray(v)
         for client, cs in self.c_clients.items():
@@ -260,7 +288,7 @@ class FederatedState:
                 client, i = k[2:].split("_")
                 c_clients.setdefault(int(client), {})[int(i)] = np.asarray(arrays[k])
         return cls(weights=listed("w"), round=int(arrays["round"]), server_velocity=listed("v"),
-                   server_second_moment=listed("s"), c=listed("c"),
+                   server_second_moment=listed("s"), c=listed("c"), g_estimate=listed("g"),
                    _restored_c={c: [d[i] for i in sorted(d)] for c, d in c_clients.items()})
 
 
@@ -304,6 +332,7 @@ class FederatedTrainer:
         state.server_velocity = _variables(state.server_velocity)
         state.server_second_moment = _variables(state.server_second_moment)
         state.c = _variables(state.c)
+        state.g_estimate = _variables(state.g_estimate)
         if self.config.algorithm == "scaffold" and state.c_stacked is None:
             rows = [np.zeros((len(self.clients),) + tuple(w.shape), w.dtype.as_numpy_dtype) for w in state.weights]
             for client, cs in state._restored_c.items():
@@ -417,9 +446,9 @@ class FederatedTrainer:
         mine = [c for c in sampled if owner(c, workers) == me]
         n = {c: float(len(self.clients[c])) for c in sampled}
 
-        starts, metrics = self._starts(x, mine, n, log_variance)
+        starts, grads, metrics = self._starts(state, x, mine, n, log_variance)
         models, c_delta = self._train_clients(state, x, mine, starts)
-        x_bar = self._aggregate(state, x, sampled, n, models, c_delta)
+        x_bar = self._aggregate(state, x, sampled, n, models, c_delta, grads, metrics)
         for w, new in zip(state.weights, self._server_step(state, x, [xw - xb for xw, xb in zip(x, x_bar)])):
             w.assign(new)
         state.round += 1
@@ -427,31 +456,40 @@ class FederatedTrainer:
         metrics["clients"] = len(sampled)
         return state, metrics
 
-    def _starts(self, x, mine, n, log_variance):
-        """Where each of this worker's participants starts (FedGA: x + β(g_i − ḡ); the
-        others: x), and V at x when FedGA needs the gradients or ``log_variance`` asks."""
+    def _starts(self, state, x, mine, n, log_variance):
+        """Where each of this worker's participants starts (FedGA: x + β(g_i − ḡ);
+        one-sync FedGA: x + β(g_i − ĝ); the others: x), their g_i at x when the algorithm
+        or ``log_variance`` needs them, and V at x (one-sync FedGA: after the round)."""
         cfg = self.config
-        starts, metrics = {c: x for c in mine}, {}
-        if cfg.algorithm != "fedga" and not log_variance:
-            return starts, metrics
+        starts, grads, metrics = {c: x for c in mine}, {}, {}
+        if cfg.algorithm not in GRADIENTS_AT_X and not log_variance:
+            return starts, grads, metrics
         idx = {c: self.clients[c][:cfg.grad_samples] if cfg.grad_samples else self.clients[c] for c in mine}
         grads = {}
         for group in self._by_shape(idx):
             stacked = self._grads(list(x), tf.constant(np.stack([idx[c] for c in group])))
             grads.update({c: [g[i] for g in stacked] for i, c in enumerate(group)})
+        if cfg.algorithm == "fedga_1sync":
+            if state.g_estimate is not None:
+                for c in mine:
+                    starts[c] = [w + cfg.beta * (g - gh) for w, g, gh in zip(x, grads[c], state.g_estimate)]
+            return starts, grads, metrics  # ḡ comes up with the models
         g_bar = self._weighted_mean(grads, n, like=x)
         if cfg.algorithm == "fedga":
             for c in mine:
                 starts[c] = [w + cfg.beta * (g - gb) for w, g, gb in zip(x, grads[c], g_bar)]
-        # V = n-weighted mean over participants of ‖g_i − ḡ‖² (what FedGA acts on)
+        metrics.update(self._variance(grads, g_bar, n))
+        return starts, grads, metrics
+
+    def _variance(self, grads, g_bar, n):
+        """V = n-weighted mean over all participants of ‖g_i − ḡ‖² (what FedGA acts on),
+        and V/‖ḡ‖²; ``grads`` holds this worker's participants."""
         sq = lambda ts: tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float64))) for t in ts])  # noqa: E731
         local_v = tf.add_n([tf.constant(0.0, tf.float64)] + [
-            n[c] * sq([g - gb for g, gb in zip(grads[c], g_bar)]) for c in mine])
-        total_v = distributed.allreduce_list([local_v], op="sum")[0]
-        metrics["grad_variance"] = float(total_v) / sum(n.values())
+            n[c] * sq([g - gb for g, gb in zip(grads[c], g_bar)]) for c in grads])
+        v = float(distributed.allreduce_list([local_v], op="sum")[0]) / sum(n.values())
         g_bar_sq = float(sq(g_bar))
-        metrics["grad_variance_ratio"] = metrics["grad_variance"] / g_bar_sq if g_bar_sq else 0.0
-        return starts, metrics
+        return {"grad_variance": v, "grad_variance_ratio": v / g_bar_sq if g_bar_sq else 0.0}
 
     def _train_clients(self, state, x, mine, starts):
         """Each participant's model after its K local steps; SCAFFOLD: its c_i updated in
@@ -478,10 +516,24 @@ class FederatedTrainer:
                 state.c_started.update(group)
         return models, c_delta
 
-    def _aggregate(self, state, x, sampled, n, models, c_delta):
+    def _aggregate(self, state, x, sampled, n, models, c_delta, grads, metrics):
         """x̄ over all workers' participants (n_i-weighted; SCAFFOLD: the paper's plain
-        means, and its server c moved by |S|/N of the mean change of the c_i)."""
-        if self.config.algorithm != "scaffold":
+        means, and its server c moved by |S|/N of the mean change of the c_i; one-sync
+        FedGA: ḡ comes up with the models, the starts' common shift β(ḡ − ĝ) is taken
+        back out of x̄, and ḡ becomes the next round's ĝ)."""
+        cfg = self.config
+        if cfg.algorithm == "fedga_1sync":
+            both = self._weighted_mean({c: list(models[c]) + list(grads[c]) for c in models}, n, like=list(x) * 2)
+            x_bar, g_bar = both[:len(x)], both[len(x):]
+            if state.g_estimate is None:
+                state.g_estimate = _variables(g_bar)
+            else:
+                x_bar = [xb - cfg.beta * (gb - gh) for xb, gb, gh in zip(x_bar, g_bar, state.g_estimate)]
+                for gh, gb in zip(state.g_estimate, g_bar):
+                    gh.assign(gb)
+            metrics.update(self._variance(grads, g_bar, n))
+            return x_bar
+        if cfg.algorithm != "scaffold":
             return self._weighted_mean(models, n, like=x)
         ones = {c: 1.0 for c in sampled}
         x_bar = self._weighted_mean(models, ones, like=x)

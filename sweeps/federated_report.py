@@ -15,7 +15,7 @@ from sweeps.archive import restored_note, restored_result
 from sweeps.selection import TAIL, best_setting, mean_pm, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json
 from train.config import budget, is_federated
-from train.federated_run import COMMUNICATIONS_PER_ROUND
+from hvd_gradalign.federated import GRADIENTS_AT_X, ROUND_COST
 
 COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
            "round", "train_loss", "val_accuracy", "test_accuracy", "grad_variance", "wall_time",
@@ -50,7 +50,7 @@ def collect(run_dirs, at="final"):
         rows.append({
             "id": run_dir.name, "status": point_state(run_dir, wanted=budget(config)), "algorithm": f["algorithm"],
             "split": _split_name(f), "lr": o["lr"],
-            "beta": o["beta"] if f["algorithm"] == "fedga" else 0.0,
+            "beta": o["beta"] if f["algorithm"] in GRADIENTS_AT_X else 0.0,
             "mu": f["mu"] if f["algorithm"] == "fedprox" else 0.0, "seed": config["train"]["seed"],
             "rounds": f["rounds"], "rounds_done": summary.get("rounds_done", len(history)),
             "round": row.get("round"), "train_loss": row.get("train_loss"),
@@ -93,7 +93,9 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
                          else f"{mean_pm(tests)} ({_setting_label(setting)}, n={len(seeds)})")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines += _against_fedavg(chosen, splits, algorithms)
-    lines += _at_equal_communications(chosen, curves, splits, algorithms, at)
+    lines += _round_costs(algorithms)
+    for measure in EQUAL_COST:
+        lines += _at_equal_cost(chosen, curves, splits, algorithms, at, measure)
     lines += _trend(chosen, curves, splits, algorithms)
     lines += _curves_left_out(chosen, curves)
     timed = [r for r in rows if r["status"] == "done" and r["wall_time"]]
@@ -193,28 +195,54 @@ def _paired_differences(base: dict, mine: dict) -> list:
             if mine[k] is not None and base[k] is not None]
 
 
-def _at_equal_communications(chosen, curves, splits, algorithms, at):
-    """FedGA talks twice a round: the chosen settings read again over the first C
-    communications, C the fewest any of the split's runs had, so that every algorithm
-    is compared on the same communication budget (FedAvg − paired by seed)."""
-    def comms(run):
-        return max((r.get("communications") or 0 for r in curves[run["id"]]["history"]), default=0)
+# What a round costs a participating client, per algorithm (hvd_gradalign.federated.ROUND_COST):
+# synchronisations (round trips with the server), and the vectors of the model's size it
+# sends up and receives down.
+EQUAL_COST = {
+    "synchronisations": ("C", lambda cost: cost.syncs),
+    "bytes": ("B", lambda cost: cost.up + cost.down),
+}
 
-    if len({COMMUNICATIONS_PER_ROUND[a] for a in algorithms}) < 2:
+
+def _round_costs(algorithms):
+    if len({ROUND_COST[a] for a in algorithms}) < 2:
         return []
-    lines = ["", "At equal communications (each run read over its first C communications, C the "
-             "fewest any run of the split had; the setting as chosen above):", "",
-             "| split | C | " + " | ".join(algorithms) + " | " +
+    return ["", "What a round costs a participating client: " + "; ".join(
+        f"{a} {ROUND_COST[a].syncs} synchronisation{'s' if ROUND_COST[a].syncs > 1 else ''}, "
+        f"{ROUND_COST[a].up} model-sized vector{'s' if ROUND_COST[a].up > 1 else ''} up and "
+        f"{ROUND_COST[a].down} down" for a in algorithms) + "."]
+
+
+def _at_equal_cost(chosen, curves, splits, algorithms, at, measure="synchronisations"):
+    """Algorithms whose rounds cost differently (FedGA talks twice a round; one-sync FedGA
+    and SCAFFOLD send twice FedAvg's bytes) read again on one budget: each chosen setting
+    over its first rounds that fit C synchronisations (or B model-sized vectors sent and
+    received per client), C the least any of the split's runs had, so that every algorithm
+    is compared on the same budget (FedAvg − paired by seed)."""
+    symbol, per_round = EQUAL_COST[measure]
+    if len({per_round(ROUND_COST[a]) for a in algorithms}) < 2:
+        return []
+
+    def spent(algorithm, row):
+        return row["round"] * per_round(ROUND_COST[algorithm])
+
+    def total(algorithm, run):
+        return max((spent(algorithm, r) for r in curves[run["id"]]["history"]), default=0)
+
+    unit = ("synchronisations" if measure == "synchronisations"
+            else "model-sized vectors sent and received per client")
+    lines = ["", f"At equal {measure} (each run read over its first {symbol} {unit}, {symbol} the "
+             "least any run of the split had; the setting as chosen above):", "",
+             f"| split | {symbol} | " + " | ".join(algorithms) + " | " +
              " | ".join(f"{a} − fedavg" for a in algorithms if a != "fedavg") + " |",
              "|---|---:|" + "---|" * len(algorithms) + "---:|" * (len(algorithms) - 1)]
     for split in splits:
         keys = [(split, a) for a in algorithms if (split, a) in chosen and _drawn(chosen[(split, a)][1], curves)]
         if not keys:
             continue
-        budget = min(comms(run) for key in keys for run in _drawn(chosen[key][1], curves))
+        budget = min(total(a, run) for _, a in keys for run in _drawn(chosen[(split, a)][1], curves))
         tests = {a: {run["seed"]: pick_epoch([r for r in curves[run["id"]]["history"]
-                                              if (r.get("communications") or 0) <= budget], at
-                                             ).get("test_accuracy")
+                                              if spent(a, r) <= budget], at).get("test_accuracy")
                      for run in _drawn(chosen[(split, a)][1], curves)} for _, a in keys}
         cells = []
         for a in algorithms:
@@ -235,7 +263,7 @@ def _curves_left_out(chosen, curves):
                   for r in seeds if not _has_curve(r, curves))
     if not left:
         return []
-    return ["", "The equal-communications and trend tables read only runs with their per-round "
+    return ["", "The equal-cost and trend tables read only runs with their per-round "
             "metrics; these chosen runs were restored from a results table without them and are "
             "left out there (so n and the seeds differ between those cells): "
             + "; ".join(f"{split} {a} seed {seed}" for split, a, seed in left) + "."]

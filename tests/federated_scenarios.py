@@ -15,6 +15,9 @@ SCENARIOS = {
     "fedga_grad_samples": dict(algorithm="fedga", local_steps=3, local_batch=4, local_lr=0.2, beta=0.5,
                                grad_samples=6),
     "fedga_beta0": dict(algorithm="fedga", local_steps=3, local_batch=4, local_lr=0.2, beta=0.0),
+    # one synchronisation: round 1 is FedAvg and collects ḡ; round 2 starts from x + β(g_i − ĝ)
+    "fedga_1sync": dict(algorithm="fedga_1sync", local_steps=3, local_batch=4, local_lr=0.2, beta=0.5),
+    "fedga_1sync_beta0": dict(algorithm="fedga_1sync", local_steps=3, local_batch=4, local_lr=0.2, beta=0.0),
     "scaffold": dict(algorithm="scaffold", local_steps=3, local_batch=4, local_lr=0.2),
     "fedprox": dict(algorithm="fedprox", local_steps=3, local_batch=4, local_lr=0.2, mu=0.5),
     "fedprox_mu0": dict(algorithm="fedprox", local_steps=3, local_batch=4, local_lr=0.2, mu=0.0),

@@ -129,24 +129,29 @@ def train(grad_fn, params, x, y, global_batch, micro_batches_total, betas, optim
 
 
 def federated_rounds(grad_fn, params, x, y, clients, sampled_per_round, cfg, rounds):
-    """Float64 NumPy re-implementation of FedAvg / FedGA / SCAFFOLD / FedProx rounds
-    (hvd_gradalign/federated.py's docstring; the papers' update rules), with the
-    clients' mini-batch order given by ``batches(client, round)``."""
+    """Float64 NumPy re-implementation of FedAvg / FedGA / one-sync FedGA / SCAFFOLD /
+    FedProx rounds (hvd_gradalign/federated.py's docstring; the papers' update rules), with
+    the clients' mini-batch order given by ``batches(client, round)``. ``cfg["g_estimate"]``
+    may give one-sync FedGA's ĝ at the start (a resumed run's)."""
     params = [p.copy() for p in params]
     c = [np.zeros_like(p) for p in params]
     c_i = {}
     velocity = [np.zeros_like(p) for p in params]
     second = [np.zeros_like(p) for p in params]
+    g_hat = cfg.get("g_estimate")
     for r in range(rounds):
         sampled = sampled_per_round[r]
         n = {k: float(len(clients[k])) for k in sampled}
         starts = {k: params for k in sampled}
-        if cfg["algorithm"] == "fedga":
+        if cfg["algorithm"] in ("fedga", "fedga_1sync"):
             at = {k: clients[k][:cfg["grad_samples"]] if cfg.get("grad_samples") else clients[k] for k in sampled}
             g = {k: grad_fn(params, x[at[k]], y[at[k]])[1] for k in sampled}
             g_bar = [sum(n[k] * g[k][i] for k in sampled) / sum(n.values()) for i in range(len(params))]
-            starts = {k: [p + cfg["beta"] * (gk - gb) for p, gk, gb in zip(params, g[k], g_bar)]
-                      for k in sampled}
+            # two-sync FedGA displaces by g_i − ḡ; one-sync by g_i − ĝ (last round's ḡ), none in its first round
+            ref = g_bar if cfg["algorithm"] == "fedga" else g_hat
+            if ref is not None:
+                starts = {k: [p + cfg["beta"] * (gk - gb) for p, gk, gb in zip(params, g[k], ref)]
+                          for k in sampled}
         models, dcs = {}, {}
         for k in sampled:
             yk = [w.copy() for w in starts[k]]
@@ -172,6 +177,10 @@ def federated_rounds(grad_fn, params, x, y, clients, sampled_per_round, cfg, rou
             c = [ci + len(sampled) / len(clients) * d for ci, d in zip(c, dc)]
         else:
             x_bar = [sum(n[k] * models[k][i] for k in sampled) / sum(n.values()) for i in range(len(params))]
+        if cfg["algorithm"] == "fedga_1sync":
+            if g_hat is not None:  # the starts' common shift β(ḡ − ĝ) taken back out
+                x_bar = [xb - cfg["beta"] * (gb - gh) for xb, gb, gh in zip(x_bar, g_bar, g_hat)]
+            g_hat = g_bar
         delta = [p - xb for p, xb in zip(params, x_bar)]
         if cfg.get("server_optimizer") == "adam":  # Reddi et al. 2021, Algorithm 2
             b1, b2, tau = cfg["server_beta1"], cfg["server_beta2"], cfg["server_epsilon"]

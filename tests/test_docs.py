@@ -152,3 +152,12 @@ def test_the_site_builds_strict_with_the_codes_docstrings_and_config_keys(tmp_pa
     for section in SECTIONS.values():
         for key in section.keys():
             assert f"<code>{key}</code>" in reference, f"{section.name}.{key} missing from the config reference"
+
+
+def test_the_readmes_links_and_images_exist():
+    """README.md is outside the site (GitHub shows it), so mkdocs does not check its links."""
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (REPO / "README.md").read_text())
+    local = [t for t in targets if "://" not in t]
+    assert len(local) >= 10, local
+    missing = [t for t in local if not (REPO / t).exists()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"

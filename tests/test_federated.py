@@ -41,9 +41,9 @@ def test_scaffold_control_variates_persist_and_match(one_worker):
 
 def test_zero_strength_is_fedavg(one_worker):
     base = one_worker["fedavg"][0].weights
-    for name in ("fedga_beta0", "fedprox_mu0"):
+    for name in ("fedga_beta0", "fedga_1sync_beta0", "fedprox_mu0"):
         _close(one_worker[name][0].weights, base, atol=0)
-    for name in ("fedga", "fedprox", "scaffold"):
+    for name in ("fedga", "fedga_1sync", "fedprox", "scaffold"):
         assert max(np.abs(a - b).max() for a, b in zip(one_worker[name][0].weights, base)) > 1e-4
 
 
@@ -76,7 +76,7 @@ def test_fedga_with_one_full_batch_step_is_gradalign(hvd):
     _close(state.weights, [p - 0.3 * g for p, g in zip(params, h)])
 
 
-@pytest.mark.parametrize("name", ["scaffold", "scaffold_server_adam"])
+@pytest.mark.parametrize("name", ["scaffold", "scaffold_server_adam", "fedga_1sync"])
 def test_resume_from_state_equals_uninterrupted(one_worker, tmp_path, name):
     straight, _ = one_worker[name]
     # one round, through the checkpoint arrays, then the second round
@@ -93,6 +93,7 @@ def test_resume_from_state_equals_uninterrupted(one_worker, tmp_path, name):
     np.savez(tmp_path / "state.npz", **state.to_arrays())
     restored = federated.FederatedState.from_arrays(dict(np.load(tmp_path / "state.npz")))
     assert (restored.server_second_moment is not None) == ("adam" in name)
+    assert (restored.g_estimate is not None) == (name == "fedga_1sync")  # ĝ travels in the checkpoint
     resumed, _ = make().run_round(restored)
     _close(resumed.weights, straight.weights, atol=0)
     assert resumed.round == 2
@@ -212,7 +213,7 @@ def _final_weights(run_dir):
 
 @pytest.mark.parametrize("algorithm, extra", [
     ("fedavg", ()), ("scaffold", ()), ("fedprox", ()),
-    ("fedga", ("--server-optimizer", "adam", "--server-lr", "0.01")),
+    ("fedga", ("--server-optimizer", "adam", "--server-lr", "0.01")), ("fedga_1sync", ()),
 ])
 def test_entry_point_runs_each_algorithm(tmp_path, algorithm, extra):
     import json
@@ -222,6 +223,12 @@ def test_entry_point_runs_each_algorithm(tmp_path, algorithm, extra):
     rows = json.loads((tmp_path / algorithm / "metrics.json").read_text())
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[-1]["communications"] == (4 if algorithm == "fedga" else 2)
+    # the mlp's weights in float32, per participating client: FedAvg/FedProx send 1 model-sized
+    # vector up and 1 down a round, the others 2 and 2
+    from hvd_gradalign.models import build_model
+    model_bytes = 4 * build_model("mlp", (28, 28, 1), 10).count_params()
+    vectors = 1 if algorithm in ("fedavg", "fedprox") else 2
+    assert rows[-1]["bytes_up"] == rows[-1]["bytes_down"] == 2 * vectors * model_bytes
     for key in ("test_accuracy", "train_loss", "grad_variance", "round_time", "wall_time"):
         assert key in rows[-1], key
     again = _train(tmp_path / algorithm, "--algorithm", algorithm, "--rounds", "2", *extra)
@@ -493,25 +500,35 @@ def test_a_longer_horizon_is_its_own_cell_not_another_seed(tmp_path):
     assert continued["continued_from"] == "avg300" and continued["own_wall_time"] == 700.0
 
 
-def test_equal_communications_reads_fedga_over_half_its_rounds():
-    """FedGA's round costs 2 communications: over FedAvg's 4 rounds (4 communications)
-    FedGA is read over its first 2 rounds, at its best validation there, paired by seed."""
-    from sweeps.federated_report import _at_equal_communications
+def test_equal_synchronisations_reads_fedga_over_half_its_rounds_and_equal_bytes_reads_1sync_so():
+    """FedGA's round costs 2 synchronisations: over FedAvg's 4 rounds (4 synchronisations)
+    FedGA is read over its first 2 rounds, at its best validation there, paired by seed;
+    one-sync FedGA costs FedAvg's synchronisations but twice its bytes (x and ĝ down, the
+    model and g_i up), so it is read over all 4 rounds at equal synchronisations and over
+    its first 2 at equal bytes."""
+    from sweeps.federated_report import _at_equal_cost, _round_costs
 
-    def history(per_round, tests, vals):
-        return [{"round": r + 1, "communications": per_round * (r + 1), "test_accuracy": t, "val_accuracy": v}
-                for r, (t, v) in enumerate(zip(tests, vals))]
+    def history(tests, vals):
+        return [{"round": r + 1, "test_accuracy": t, "val_accuracy": v} for r, (t, v) in enumerate(zip(tests, vals))]
 
-    curves = {"a0": {"history": history(1, [0.5, 0.6, 0.7, 0.8], [0.5, 0.6, 0.7, 0.8])},
-              "g0": {"history": history(2, [0.55, 0.65, 0.9, 0.95], [0.6, 0.5, 0.9, 0.99])}}
+    curves = {"a0": {"history": history([0.5, 0.6, 0.7, 0.8], [0.5, 0.6, 0.7, 0.8])},
+              "g0": {"history": history([0.55, 0.65, 0.9, 0.95], [0.6, 0.5, 0.9, 0.99])},
+              "s0": {"history": history([0.52, 0.62, 0.72, 0.85], [0.6, 0.5, 0.7, 0.9])}}
     chosen = {("iid", "fedavg"): ((0.1,), [{"id": "a0", "seed": 0}]),
-              ("iid", "fedga"): ((0.1,), [{"id": "g0", "seed": 0}])}
-    lines = _at_equal_communications(chosen, curves, ["iid"], ["fedavg", "fedga"], "best_val")
-    assert "| iid | 4 | 80.00 (n=1) | 55.00 (n=1) | -25.00 |" in lines
-    final = _at_equal_communications(chosen, curves, ["iid"], ["fedavg", "fedga"], "final")
-    assert "| iid | 4 | 80.00 (n=1) | 65.00 (n=1) | -15.00 |" in final
-    assert _at_equal_communications({("iid", "fedavg"): chosen[("iid", "fedavg")]}, curves, ["iid"],
-                                    ["fedavg"], "final") == []  # one cost per round: nothing to add
+              ("iid", "fedga"): ((0.1,), [{"id": "g0", "seed": 0}]),
+              ("iid", "fedga_1sync"): ((0.1,), [{"id": "s0", "seed": 0}])}
+    algorithms = ["fedavg", "fedga", "fedga_1sync"]
+    lines = _at_equal_cost(chosen, curves, ["iid"], algorithms, "best_val", "synchronisations")
+    assert "| iid | 4 | 80.00 (n=1) | 55.00 (n=1) | 85.00 (n=1) | -25.00 | +5.00 |" in lines
+    final = _at_equal_cost(chosen, curves, ["iid"], algorithms, "final", "synchronisations")
+    assert "| iid | 4 | 80.00 (n=1) | 65.00 (n=1) | 85.00 (n=1) | -15.00 | +5.00 |" in final
+    # bytes: FedAvg sends 2 vectors a round (8 in 4 rounds), both FedGAs 4 (2 rounds fit)
+    by_bytes = _at_equal_cost(chosen, curves, ["iid"], algorithms, "final", "bytes")
+    assert "| iid | 8 | 80.00 (n=1) | 65.00 (n=1) | 62.00 (n=1) | -15.00 | -18.00 |" in by_bytes
+    assert _at_equal_cost({("iid", "fedavg"): chosen[("iid", "fedavg")]}, curves, ["iid"],
+                          ["fedavg"], "final") == []  # one cost per round: nothing to add
+    assert _at_equal_cost(chosen, curves, ["iid"], ["fedavg", "fedga_1sync"], "final", "synchronisations") == []
+    assert "fedga_1sync 1 synchronisation, 2 model-sized vectors up and 2 down" in _round_costs(algorithms)[1]
 
 
 def test_trend_averages_the_ten_evaluations_ending_at_each_round_paired_by_seed():

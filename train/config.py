@@ -15,7 +15,7 @@ import json
 import tomllib
 from pathlib import Path
 
-from hvd_gradalign.federated import FederatedConfig, FederatedConfigError
+from hvd_gradalign.federated import ALGORITHMS, GRADIENTS_AT_X, FederatedConfig, FederatedConfigError
 from hvd_gradalign.schedules import scaled_learning_rate, warmup_start
 
 from .schema import NOT_FEDERATED, SECTIONS, ConfigError
@@ -84,7 +84,7 @@ def uses_beta(config: dict) -> bool:
     penalty's distributed step, or FedGA's rounds (whatever optim.optimizer says, which
     rounds do not read)."""
     if is_federated(config):
-        return config["federated"]["algorithm"] == "fedga"
+        return config["federated"]["algorithm"] in GRADIENTS_AT_X
     return config["optim"]["optimizer"] in ("gradalign", "grad_penalty")
 
 
@@ -252,8 +252,7 @@ def _check_no_silent_keys(config: dict) -> None:
     if changed:
         raise ConfigError(
             f"federated.{changed[0]} is set, but federated.algorithm = {NOT_FEDERATED!r} (a distributed "
-            f"run, which reads no federated key); choose an algorithm (fedavg | fedga | scaffold | "
-            f"fedprox) or remove federated.{', federated.'.join(changed)}")
+            f"run, which reads no federated key); choose an algorithm ({' | '.join(ALGORITHMS)}) or remove federated.{', federated.'.join(changed)}")
 
 
 # FederatedConfig fields that come from [optim]; the others are federated.<field>.

@@ -20,7 +20,6 @@ import numpy as np
 from hvd_gradalign import checkpoint
 from train.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 
-COMMUNICATIONS_PER_ROUND = {"fedavg": 1, "fedprox": 1, "scaffold": 1, "fedga": 2}
 
 
 def _split(config, labels, seed):
@@ -38,7 +37,7 @@ def _split(config, labels, seed):
 def _save(run_dir: Path, state, rank: int, history: list, wall: float) -> None:
     """Every worker writes its own state file into the same new checkpoint folder;
     rank 0 names it in LATEST after a barrier, so LATEST only ever names a complete one."""
-    from hvd_gradalign import distributed
+    from hvd_gradalign import distributed, federated
 
     root = run_dir / "checkpoints"
     name = f"round-{state.round:06d}"
@@ -112,7 +111,7 @@ def _evaluate(model, evaluated: dict) -> dict:
 
 def run_federated(config, run_dir: Path, log) -> int:
     import hvd_gradalign as hga
-    from hvd_gradalign import distributed
+    from hvd_gradalign import distributed, federated
     from train.config import workers_phrase
     from train.recorder import exit_before_first_step, write_metrics, write_summary
 
@@ -138,14 +137,18 @@ def run_federated(config, run_dir: Path, log) -> int:
         f"{f['algorithm']}, {workers_phrase(workers)}, run dir {run_dir}")
 
     started = time.perf_counter()
-    comms = COMMUNICATIONS_PER_ROUND[f["algorithm"]]
+    cost = federated.ROUND_COST[f["algorithm"]]
+    model_bytes = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in trainer.variables)
     interrupted = False
     while state.round < f["rounds"]:
         t0 = time.perf_counter()
         upcoming = state.round + 1
         state, metrics = trainer.run_round(state, log_variance=(
             upcoming % f["variance_every"] == 0 or upcoming == f["rounds"]))
-        row = {"round": state.round, "communications": state.round * comms, **metrics,
+        # per participating client, so far: synchronisations and bytes up and down
+        row = {"round": state.round, "communications": state.round * cost.syncs,
+               "bytes_up": state.round * cost.up * model_bytes, "bytes_down": state.round * cost.down * model_bytes,
+               **metrics,
                "round_time": time.perf_counter() - t0}
         if state.round % f["eval_rounds"] == 0 or state.round == f["rounds"]:
             row.update(_evaluate(trainer.model, evaluated))

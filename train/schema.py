@@ -148,14 +148,15 @@ class OptimSection(Section):
 @dataclass
 class FederatedSection(Section):
     name: typing.ClassVar[str] = "federated"
-    algorithm: str = key(NOT_FEDERATED, "none (distributed epochs) | fedavg | fedga | scaffold | fedprox",
+    algorithm: str = key(NOT_FEDERATED, "none (distributed epochs) | " + " | ".join(ALGORITHMS),
                          (NOT_FEDERATED,) + ALGORITHMS)
     clients: int = key(20, "virtual clients")
     clients_per_round: int = key(10, "participants drawn each round")
     rounds: int = key(100, "the budget of a federated run")
     local_steps: int = key(10, "K local SGD steps (lr = optim.lr, wd = optim.weight_decay)")
     local_batch: int = key(32, "samples per local step")
-    grad_samples: int = key(0, "fedga: samples for g_i (0 = all the client's data); β = optim.beta")
+    grad_samples: int = key(0, "fedga, fedga_1sync: samples for g_i (0 = all the client's data); "
+                            "β = optim.beta")
     mu: float = key(0.01, "fedprox's proximal weight")
     split: str = key("shards", "iid | shards (label-sorted, reference code) | dirichlet", SPLITS)
     iid_fraction: float = key(0.0, "shards: part of the data spread i.i.d. first")
@@ -169,7 +170,7 @@ class FederatedSection(Section):
     server_beta2: float = key(0.99, "adam only")
     server_epsilon: float = key(1e-3, "adam's τ (adaptivity)")
     eval_rounds: int = key(1, "evaluate test (and validation) every N rounds")
-    variance_every: int = key(1, "measure V at x every N rounds (fedga: every round, free)")
+    variance_every: int = key(1, "measure V at x every N rounds (fedga, fedga_1sync: every round, free)")
 
     def check(self):
         super().check()
