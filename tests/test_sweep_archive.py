@@ -150,8 +150,8 @@ def test_a_federated_report_draws_curves_only_for_runs_with_their_rounds(tmp_pat
     assert archive.restore(sweep_spec.load(path, runs), out, at="best_val") == {"records": 2, "resumable": 0, "table": 2, "kept": 0}
     again = report(runs / "fed", tmp_path / "again", at="best_val")
     assert _rows(tmp_path / "again" / "results.csv") == _rows(out / "results.csv")
-    table, trend = again["table"].split("At equal communications")
-    assert table == first["table"].split("At equal communications")[0]  # every seed in the tables
+    table, trend = again["table"].split("At equal synchronisations")
+    assert table == first["table"].split("At equal synchronisations")[0]  # every seed in the tables
     assert "(n=1)" in trend and "(n=2)" not in trend and "2 finished run(s) here were restored" in trend
     # and the report names the runs the curve tables left out, which the first had none of
     left_out = "restored from a results table without them"
