@@ -97,26 +97,31 @@ def _ensure_init() -> None:
 
 
 def is_horovod_active() -> bool:
+    """Whether this process runs under Horovod (``horovodrun`` or ``srun``), after ``init``."""
     _ensure_init()
     return _hvd is not None
 
 
 def rank() -> int:
+    """This worker's index among all workers, 0 to ``size() - 1`` (0 without Horovod)."""
     _ensure_init()
     return _hvd.rank() if _hvd is not None else 0
 
 
 def size() -> int:
+    """The number of workers (1 without Horovod)."""
     _ensure_init()
     return _hvd.size() if _hvd is not None else 1
 
 
 def local_rank() -> int:
+    """This worker's index among the workers on its node (the GPU it is pinned to)."""
     _ensure_init()
     return _hvd.local_rank() if _hvd is not None else 0
 
 
 def local_size() -> int:
+    """The number of workers on this worker's node."""
     _ensure_init()
     return _hvd.local_size() if _hvd is not None else 1
 
