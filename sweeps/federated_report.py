@@ -224,7 +224,7 @@ def _at_equal_cost(chosen, curves, splits, algorithms, at, measure="synchronisat
         return []
 
     def spent(algorithm, row):
-        return row["round"] * per_round(ROUND_COST[algorithm])
+        return (row.get("round") or 0) * per_round(ROUND_COST[algorithm])
 
     def total(algorithm, run):
         return max((spent(algorithm, r) for r in curves[run["id"]]["history"]), default=0)
