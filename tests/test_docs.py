@@ -125,7 +125,7 @@ def test_the_example_runs_as_written(example, tmp_path):
     root = sandbox(tmp_path)
     if example.language == "toml":
         (root / "example.toml").write_text(example.code)
-        run([sys.executable, "-c", "import sys; from train.config import load; load(['--config', 'example.toml'])"], root)
+        run([sys.executable, "-c", "from train.config import load; load(['--config', 'example.toml'])"], root)
     elif example.language == "python":
         (root / "example.py").write_text(example.code)
         if example.workers > 1:
