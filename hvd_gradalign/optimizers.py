@@ -8,10 +8,10 @@ decides which gradient reaches it.
 
 from __future__ import annotations
 
-import math
-
 import keras
 from keras.src.utils import tracking
+
+from hvd_gradalign_base.settings import INNER_OPTIMIZERS, SAM_SCOPES, check_alignment_strength  # noqa: F401
 
 from . import displacements, distributed
 
@@ -167,9 +167,6 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         return cls(inner, **config)
 
 
-INNER_OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
-
-
 def make_inner(name, learning_rate, *, momentum=0.0, nesterov=False, weight_decay=0.0,
                global_clipnorm=None):
     """A Keras optimizer by name (one of INNER_OPTIMIZERS). ``weight_decay`` is the
@@ -186,19 +183,6 @@ def make_inner(name, learning_rate, *, momentum=0.0, nesterov=False, weight_deca
     if name == "lamb":
         return keras.optimizers.Lamb(learning_rate, weight_decay=wd, **common)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {INNER_OPTIMIZERS}")
-
-
-def check_alignment_strength(name, value) -> float:
-    """The rule on GradAlign's and FedGA's β (and β's ratio to the lr), in one place:
-    the optimizers, the federated rounds and the training config all call it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"{name} must be a finite number >= 0, got {value!r}. A negative value "
-            "displaces micro-batches the wrong way (for GradAlign it pushes their gradients apart)."
-        )
-    return float(value)
 
 
 class TwoPassOptimizer(DistributedOptimizer):
@@ -347,9 +331,6 @@ class GradientPenalty(TwoPassOptimizer):
 
     def get_config(self):
         return {**self._base_config(), "strength": self.strength, "strength_lr_ratio": self.strength_lr_ratio}
-
-
-SAM_SCOPES = ("micro_batch", "global")
 
 
 @keras.saving.register_keras_serializable(package="hvd_gradalign")

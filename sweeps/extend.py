@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from hvd_gradalign.checkpoint import write_text_atomic
+from hvd_gradalign_base.files import write_text_atomic
 from sweeps import state
 from sweeps.local import claim
 from train.config import budget, resume_conflict

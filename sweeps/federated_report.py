@@ -10,12 +10,13 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
+from hvd_gradalign_base.files import write_csv_atomic, write_text_atomic
+from sweeps import markdown
 from sweeps.archive import restored_note, restored_result
 from sweeps.selection import TAIL, best_setting, mean_pm, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json
 from train.config import budget, is_federated
-from hvd_gradalign.federated import GRADIENTS_AT_X, ROUND_COST
+from hvd_gradalign_base.federated_settings import GRADIENTS_AT_X, ROUND_COST
 
 COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
            "round", "train_loss", "val_accuracy", "test_accuracy", "grad_variance", "wall_time",
@@ -80,18 +81,15 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
               for best in [best_setting(settings, "val_accuracy", max)]}
     splits = sorted({s for s, _ in chosen})
     algorithms = sorted({a for _, a in chosen})
-    lines = ["| split | " + " | ".join(algorithms) + " |", "|---|" + "---|" * len(algorithms)]
-    for split in splits:
-        cells = []
-        for a in algorithms:
-            if (split, a) not in chosen:
-                cells.append("–")
-                continue
-            setting, seeds = chosen[(split, a)]
-            tests = [r["test_accuracy"] for r in seeds]
-            cells.append("–" if mean_std(tests)[0] is None
-                         else f"{mean_pm(tests)} ({_setting_label(setting)}, n={len(seeds)})")
-        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+
+    def cell(split, a):
+        if (split, a) not in chosen:
+            return None
+        setting, seeds = chosen[(split, a)]
+        tests = [r["test_accuracy"] for r in seeds]
+        return None if mean_std(tests)[0] is None else f"{mean_pm(tests)} ({_setting_label(setting)}, n={len(seeds)})"
+
+    lines = markdown.grid("split", splits, algorithms, cell)
     lines += _against_fedavg(chosen, splits, algorithms)
     lines += _round_costs(algorithms)
     for measure in EQUAL_COST:

@@ -30,8 +30,8 @@ import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
-from sweeps import archive
+from hvd_gradalign_base.files import write_csv_atomic, write_text_atomic
+from sweeps import archive, markdown
 from sweeps.selection import AT, best_setting, mean_pm, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json, run_dirs
 from train.config import budget, is_federated
@@ -229,24 +229,20 @@ def markdown_table(rows, chosen, at="final") -> str:
     batches = sorted({b for b, _ in chosen})
     optimizers = sorted({o for _, o in chosen})
     criteria = sorted({c for _, _, c in chosen.values()})
-    lines = ["| global batch | " + " | ".join(optimizers) + " |",
-             "|---:|" + "---|" * len(optimizers)]
-    for b in batches:
-        cells = []
-        for o in optimizers:
-            if (b, o) not in chosen:
-                cells.append("–")
-                continue
-            setting, seeds, _ = chosen[(b, o)]
-            gap_m, _ = mean_std([_gap(r) for r in seeds])
-            train_m, _ = mean_std([r["train_accuracy"] for r in seeds if _gap(r) is not None])
-            s = dict(zip(SETTING_KEYS, setting))
-            beta = "" if o == "sgd" else f", {STRENGTH_SYMBOL.get(o, 'ρ')}={s['beta']:g}"
-            gap = f"train {100 * train_m:.2f}, gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
-            cells.append(f"{mean_pm([r['test_accuracy'] for r in seeds])} ({gap}"
-                         f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, {s['epochs']:g} epochs, "
-                         f"n={len(seeds)})")
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+
+    def cell(b, o):
+        if (b, o) not in chosen:
+            return None
+        setting, seeds, _ = chosen[(b, o)]
+        gap_m, _ = mean_std([_gap(r) for r in seeds])
+        train_m, _ = mean_std([r["train_accuracy"] for r in seeds if _gap(r) is not None])
+        s = dict(zip(SETTING_KEYS, setting))
+        beta = "" if o == "sgd" else f", {STRENGTH_SYMBOL.get(o, 'ρ')}={s['beta']:g}"
+        gap = f"train {100 * train_m:.2f}, gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
+        return (f"{mean_pm([r['test_accuracy'] for r in seeds])} ({gap}"
+                f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, {s['epochs']:g} epochs, n={len(seeds)})")
+
+    lines = markdown.grid("global batch", batches, optimizers, cell, right={0})
     failed = [r for r in rows if r["status"] != "done"]
     notes = [
         "",

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from train.config import (DEFAULTS, SECTION_OF, ConfigError, check_batch_split, check_data_fits, merge,
                           read_toml, run_identity, uses_beta, validate)
+from train.launch import quiet_tensorflow_start
 
 REPO = Path(__file__).resolve().parents[1]
 RESOURCE_DEFAULTS = {"cpus_per_task": 1, "gpus_per_task": 0, "time": "01:00:00",
@@ -101,6 +102,9 @@ def available_train_samples(config: dict) -> int:
         return 0
     key = (d["dataset"], d["data_dir"])
     if key not in _SPLIT_SIZES:
+        # The one place the bookkeeping needs TensorFlow (tensorflow-datasets' metadata);
+        # every other sweeps command starts without it.
+        quiet_tensorflow_start()
         from hvd_gradalign.data import dataset_info, get_builder
 
         try:

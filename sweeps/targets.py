@@ -19,12 +19,11 @@ as not reached, never as its budget.
 from __future__ import annotations
 
 import csv
-import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
+from hvd_gradalign_base.files import write_csv_atomic, write_text_atomic
 from sweeps.report import SETTING_KEYS, collect, passes, select
 from sweeps.selection import mean_std
 from sweeps.state import read_json

@@ -15,8 +15,8 @@ import json
 import tomllib
 from pathlib import Path
 
-from hvd_gradalign.federated import ALGORITHMS, GRADIENTS_AT_X, FederatedConfig, FederatedConfigError
-from hvd_gradalign.schedules import scaled_learning_rate, warmup_start
+from hvd_gradalign_base.federated_settings import ALGORITHMS, GRADIENTS_AT_X, FederatedConfig, FederatedConfigError
+from hvd_gradalign_base.settings import scaled_learning_rate, warmup_start
 
 from .schema import NOT_FEDERATED, SECTIONS, ConfigError
 

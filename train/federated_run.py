@@ -37,7 +37,7 @@ def _split(config, labels, seed):
 def _save(run_dir: Path, state, rank: int, history: list, wall: float) -> None:
     """Every worker writes its own state file into the same new checkpoint folder;
     rank 0 names it in LATEST after a barrier, so LATEST only ever names a complete one."""
-    from hvd_gradalign import distributed, federated
+    from hvd_gradalign import distributed
 
     root = run_dir / "checkpoints"
     name = f"round-{state.round:06d}"

@@ -15,10 +15,9 @@ import math
 import typing
 from dataclasses import dataclass
 
-from hvd_gradalign.federated import ALGORITHMS, SERVER_OPTIMIZERS, SPLITS, FederatedConfigError, check_split
-from hvd_gradalign.models import MODELS, NORMS
-from hvd_gradalign.optimizers import INNER_OPTIMIZERS, SAM_SCOPES, check_alignment_strength
-from hvd_gradalign.schedules import DECAYS, SCALING_RULES, WARMUP_STARTS
+from hvd_gradalign_base.federated_settings import ALGORITHMS, SERVER_OPTIMIZERS, SPLITS, FederatedConfigError, check_split
+from hvd_gradalign_base.settings import (DECAYS, INNER_OPTIMIZERS, MODEL_NAMES, NORMS, SAM_SCOPES, SCALING_RULES,
+                                         WARMUP_STARTS, check_alignment_strength)
 
 
 class ConfigError(ValueError):
@@ -96,7 +95,7 @@ class DataSection(Section):
 @dataclass
 class ModelSection(Section):
     name: typing.ClassVar[str] = "model"
-    model: str = key("mlp", "the architecture", tuple(sorted(MODELS)))
+    model: str = key("mlp", "the architecture", tuple(sorted(MODEL_NAMES)))
     norm: str = key("default", "batch | group | none | default (the model's own)", ("default",) + NORMS)
 
 

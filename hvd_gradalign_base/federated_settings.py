@@ -1,0 +1,119 @@
+"""The federated settings, their rules and what a round costs, without TensorFlow: the
+federated trainer runs on these, and the training config and the sweeps' reports use
+them before launch and after (each rule lives here once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hvd_gradalign_base.settings import check_alignment_strength
+
+ALGORITHMS = ("fedavg", "fedga", "fedga_1sync", "scaffold", "fedprox")
+# The algorithms that compute every participant's gradient g_i at x.
+GRADIENTS_AT_X = ("fedga", "fedga_1sync")
+
+
+@dataclass(frozen=True)
+class RoundCost:
+    """What one round costs a participating client in communication: synchronisations
+    (round trips with the server) and vectors of the model's size sent up and down."""
+    syncs: int
+    up: int
+    down: int
+
+
+# FedAvg/FedProx: x down, the model up. SCAFFOLD: x and c down, the model and the change of
+# c_i up. FedGA: x down, g_i up, ḡ down, the model up (two round trips). FedGA one-sync:
+# x and ĝ down, the model and g_i up (one round trip).
+ROUND_COST = {"fedavg": RoundCost(1, 1, 1), "fedprox": RoundCost(1, 1, 1), "scaffold": RoundCost(1, 2, 2),
+              "fedga": RoundCost(2, 2, 2), "fedga_1sync": RoundCost(1, 2, 2)}
+SERVER_OPTIMIZERS = ("sgd", "adam")
+
+
+def check_participants(per_round: int, clients: int) -> None:
+    """The rule on how many clients a round draws (a FederatedConfigError naming it)."""
+    if not 1 <= per_round <= clients:
+        raise FederatedConfigError("clients_per_round", f"= {per_round} must be between 1 and the number "
+                                                        f"of clients ({clients})")
+
+
+@dataclass
+class FederatedConfig:
+    algorithm: str = "fedavg"
+    local_steps: int = 10          # K
+    local_batch: int = 32
+    local_lr: float = 0.05         # η
+    weight_decay: float = 0.0      # λ, inside every local step
+    beta: float = 0.0              # FedGA
+    grad_samples: int = 0          # FedGA: samples of g_i (0 = all the client's data)
+    mu: float = 0.0                # FedProx
+    server_optimizer: str = "sgd"  # sgd (FedAvgM with momentum) | adam (FedAdam)
+    server_lr: float = 1.0
+    server_momentum: float = 0.0   # sgd only
+    server_beta1: float = 0.9      # adam only
+    server_beta2: float = 0.99
+    server_epsilon: float = 1e-3   # τ, Reddi et al.'s adaptivity
+    clients_per_round: int = 10
+    seed: int = 0
+    log_variance: bool = True      # V over the participants' gradients at x (costs a pass,
+                                   # as much as K·b local samples; FedGA has it for free)
+
+    def check(self, clients: int):
+        """Every rule on these values, in one place: `python -m train` and sweep specs
+        call it before anything is written or launched (train.config.validate)."""
+        def bad(name, message):
+            raise FederatedConfigError(name, message)
+
+        if self.algorithm not in ALGORITHMS:
+            bad("algorithm", f"= {self.algorithm!r}; choose one of {ALGORITHMS}")
+        for name in ("local_steps", "local_batch"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            bad("server_optimizer", f"= {self.server_optimizer!r}; choose one of {SERVER_OPTIMIZERS}")
+        if self.server_optimizer == "adam":
+            if self.server_momentum:
+                bad("server_momentum", "is for server_optimizer = 'sgd'; FedAdam's first moment is server_beta1")
+            for name in ("server_beta1", "server_beta2"):
+                if not 0 <= getattr(self, name) < 1:
+                    bad(name, f"must be in [0, 1), got {getattr(self, name)}")
+        for name in ("local_lr", "server_lr", "server_epsilon"):
+            if not getattr(self, name) > 0:
+                bad(name, f"must be > 0, got {getattr(self, name)}")
+        try:
+            check_alignment_strength("beta", self.beta)
+        except ValueError as err:
+            bad("beta", str(err).removeprefix("beta "))
+        for name in ("weight_decay", "mu", "server_momentum", "grad_samples"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        check_participants(self.clients_per_round, clients)
+
+
+class FederatedConfigError(ValueError):
+    """A federated setting that cannot run; ``field`` names it (a FederatedConfig field or
+    a split argument), so that a caller can name its own key for it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field, self.message = field, message
+
+
+SPLITS = ("iid", "shards", "dirichlet")
+
+
+def check_split(split: str, clients: int, iid_fraction: float = 0.0, shards_per_client: int = 1,
+                alpha: float = 1.0) -> None:
+    """The rules on a split's arguments (what the data makes of them is _check_split's)."""
+    if split not in SPLITS:
+        raise FederatedConfigError("split", f"= {split!r}; choose one of {SPLITS}")
+    if clients < 1:
+        raise FederatedConfigError("clients", f"must be >= 1, got {clients}")
+    if split == "shards":
+        if not 0.0 <= iid_fraction <= 1.0:
+            raise FederatedConfigError("iid_fraction", f"must be in [0, 1], got {iid_fraction}")
+        if shards_per_client < 1:
+            raise FederatedConfigError("shards_per_client", f"must be >= 1, got {shards_per_client}")
+    if split == "dirichlet" and not alpha > 0:
+        raise FederatedConfigError("alpha", f"must be > 0 (a Dirichlet concentration), got {alpha}")
