@@ -11,7 +11,12 @@ from __future__ import annotations
 import keras
 from keras.src.utils import tracking
 
-from hvd_gradalign_base.settings import INNER_OPTIMIZERS, SAM_SCOPES, check_alignment_strength  # noqa: F401
+from hvd_gradalign_base.settings import (  # noqa: F401 (the names are part of this module's API)
+    INNER_OPTIMIZERS,
+    SAM_SCOPES,
+    check_alignment_strength,
+    check_micro_batches,
+)
 
 from . import displacements, distributed
 
@@ -212,9 +217,7 @@ class TwoPassOptimizer(DistributedOptimizer):
                 "both gradient passes, so it goes outside: keras.optimizers.LossScaleOptimizer("
                 f"{type(self).__name__}(inner, ...)), which compile() builds by itself under the "
                 "'mixed_float16' policy.")
-        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}.")
-        self.micro_batches = micro_batches
+        self.micro_batches = check_micro_batches(micro_batches)
         self._fixed = self._lr_ratio = None
 
     def _set_strength(self, fixed, lr_ratio, names):

@@ -53,3 +53,11 @@ def check_alignment_strength(name, value) -> float:
             "displaces micro-batches the wrong way (for GradAlign it pushes their gradients apart)."
         )
     return float(value)
+
+
+def check_micro_batches(value) -> int:
+    """The rule on the number of micro-batches per worker: the two-pass optimizers and
+    the training config both call it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"micro_batches must be an integer >= 1, got {value!r}.")
+    return value

@@ -37,6 +37,7 @@ def test_defaults_and_overrides(tmp_path):
     ('[optim]\noptimizer = "adam"\n', r"optim\.optimizer = 'adam'; choose one of"),
     ('[optim]\nbeta = -0.1\n', r"optim\.beta must be a finite number >= 0"),
     ('[optim]\ndecay = "step"\n', r"needs optim\.decay_epochs"),
+    ('[optim]\nmicro_batches = 0\n', r"optim\.micro_batches must be an integer >= 1, got 0"),
     ('[train\n', r"c\.toml"),
     ('[federated]\nalgorithm = "fedavg"\nserver_optimizer = "yogi"\n',
      r"federated\.server_optimizer = 'yogi'; choose one of \('sgd', 'adam'\)"),
@@ -274,6 +275,22 @@ def test_a_warmup_shorter_than_one_update_is_refused(hvd):
 
     with pytest.raises(ConfigError, match=r"warmup_epochs = 0.25 is 0 updates at 1 steps per epoch"):
         build_optimizer(load(["--warmup-epochs", "0.25"]), 1, 1)
+
+
+def test_a_sweep_refuses_a_warmup_shorter_than_one_update_before_launch(tmp_path):
+    """The same rule, where the data's size is known before launch: 1,024 samples at
+    batch 512 are 2 updates an epoch, so 0.25 epochs of warmup would be none."""
+    from sweeps import spec as sweep_spec
+
+    spec = tmp_path / "w.toml"
+    spec.write_text('[sweep]\nname = "w"\nbase_config = "train/configs/fashion_mnist.toml"\n[fixed]\n'
+                    'train_samples = 1024\nbatch_size = 512\noptimizer = "sgd"\n[[grid]]\n'
+                    'warmup_epochs = [0.25, 0.5]\n')
+    with pytest.raises(ConfigError, match=r"warmup_epochs = 0.25 is 0 updates at 2 steps per epoch"):
+        sweep_spec.load(spec, tmp_path / "runs")
+    spec.write_text(spec.read_text().replace("[0.25, 0.5]", "[0.5]"))
+    (point,) = sweep_spec.load(spec, tmp_path / "runs").points
+    assert point.config["optim"]["warmup_epochs"] == 0.5
 
 
 def test_runs_without_warmup_keep_their_names_and_warmup_runs_are_renamed():

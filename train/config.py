@@ -314,7 +314,8 @@ def check_batch_split(config: dict, workers: int) -> None:
 
 def check_data_fits(config: dict, workers: int, available: int) -> None:
     """Every worker must hold at least one local batch of the training samples the
-    config leaves it (``available``: the split less validation; 0 if unknown)."""
+    config leaves it (``available``: the split less validation; 0 if unknown), and a
+    warmup must come to at least one update."""
     if is_federated(config):
         return
     n = config["data"]["train_samples"] or available
@@ -324,6 +325,19 @@ def check_data_fits(config: dict, workers: int, available: int) -> None:
             f"{n} training samples give each of {workers_phrase(workers)} {n // workers}, fewer than one local "
             f"batch of {batch // workers} (global batch {batch}); lower train.batch_size to at most "
             f"{n - n % workers} or use more samples")
+    if n:
+        warmup_updates(config, (n // workers) // (batch // workers))  # as hvd_gradalign.data counts steps
+
+
+def warmup_updates(config: dict, steps_per_epoch: int) -> int:
+    """optim.warmup_epochs in updates; a warmup of some epochs that comes to no update is
+    refused (before launch when the data's size is known, else when the run starts)."""
+    epochs = config["optim"]["warmup_epochs"]
+    steps = round(epochs * steps_per_epoch)
+    if epochs > 0 and steps == 0:
+        raise ConfigError(f"optim.warmup_epochs = {epochs:g} is 0 updates at {steps_per_epoch} steps per "
+                          f"epoch, so there would be no warmup; use at least {1 / steps_per_epoch:g} epochs or 0")
+    return steps
 
 
 def build_parser() -> argparse.ArgumentParser:

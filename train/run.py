@@ -20,15 +20,11 @@ def log(msg):
 def build_optimizer(config, steps_per_epoch, workers):
     import hvd_gradalign as hga
     from hvd_gradalign.schedules import WarmupDecay, scaled_learning_rate, warmup_start
-    from train.config import ConfigError
+    from train.config import warmup_updates
 
     o, t = config["optim"], config["train"]
     peak = scaled_learning_rate(o["lr"], t["batch_size"], o["reference_batch"], o["lr_scaling"])
-    warmup_steps = round(o["warmup_epochs"] * steps_per_epoch)
-    if o["warmup_epochs"] > 0 and warmup_steps == 0:
-        raise ConfigError(f"optim.warmup_epochs = {o['warmup_epochs']:g} is 0 updates at {steps_per_epoch} "
-                          f"steps per epoch, so there would be no warmup; use at least "
-                          f"{1 / steps_per_epoch:g} epochs or 0")
+    warmup_steps = warmup_updates(config, steps_per_epoch)
     initial = warmup_start(o["warmup_from"], o["lr"], peak) if warmup_steps else peak
     schedule = WarmupDecay(
         peak_lr=peak, initial_lr=initial, warmup_steps=warmup_steps, decay=o["decay"],

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hvd_gradalign_base.federated_settings import ALGORITHMS, SERVER_OPTIMIZERS, SPLITS, FederatedConfigError, check_split
 from hvd_gradalign_base.settings import (DECAYS, INNER_OPTIMIZERS, MODEL_NAMES, NORMS, SAM_SCOPES, SCALING_RULES,
-                                         WARMUP_STARTS, check_alignment_strength)
+                                         WARMUP_STARTS, check_alignment_strength, check_micro_batches)
 
 
 class ConfigError(ValueError):
@@ -129,7 +129,11 @@ class OptimSection(Section):
 
     def check(self):
         super().check()
-        self._at_least(0, ("lr", "reference_batch", "micro_batches"), strict=True)
+        self._at_least(0, ("lr", "reference_batch"), strict=True)
+        try:
+            check_micro_batches(self.micro_batches)
+        except ValueError as err:
+            raise ConfigError(f"optim.{err}") from None
         for n in ("lr", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor", "momentum"):
             if not math.isfinite(getattr(self, n)):
                 raise ConfigError(f"optim.{n} must be a finite number, got {getattr(self, n)}")
