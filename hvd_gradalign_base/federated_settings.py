@@ -8,26 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hvd_gradalign_base.settings import check_alignment_strength
+from hvd_gradalign_base.strategies import STRATEGIES, RoundCost  # noqa: F401 (RoundCost: part of this API)
 
-ALGORITHMS = ("fedavg", "fedga", "fedga_1sync", "scaffold", "fedprox")
+# Read from the strategies (one module per algorithm), so that an algorithm is named,
+# costed and checked in one place.
+ALGORITHMS = tuple(STRATEGIES)
 # The algorithms that compute every participant's gradient g_i at x.
-GRADIENTS_AT_X = ("fedga", "fedga_1sync")
-
-
-@dataclass(frozen=True)
-class RoundCost:
-    """What one round costs a participating client in communication: synchronisations
-    (round trips with the server) and vectors of the model's size sent up and down."""
-    syncs: int
-    up: int
-    down: int
-
-
-# FedAvg/FedProx: x down, the model up. SCAFFOLD: x and c down, the model and the change of
-# c_i up. FedGA: x down, g_i up, ḡ down, the model up (two round trips). FedGA one-sync:
-# x and ĝ down, the model and g_i up (one round trip).
-ROUND_COST = {"fedavg": RoundCost(1, 1, 1), "fedprox": RoundCost(1, 1, 1), "scaffold": RoundCost(1, 2, 2),
-              "fedga": RoundCost(2, 2, 2), "fedga_1sync": RoundCost(1, 2, 2)}
+GRADIENTS_AT_X = tuple(name for name, s in STRATEGIES.items() if s.gradients_at_x)
+ROUND_COST = {name: s.cost for name, s in STRATEGIES.items()}
 SERVER_OPTIMIZERS = ("sgd", "adam")
 
 

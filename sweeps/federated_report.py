@@ -193,7 +193,7 @@ def _paired_differences(base: dict, mine: dict) -> list:
             if mine[k] is not None and base[k] is not None]
 
 
-# What a round costs a participating client, per algorithm (hvd_gradalign.federated.ROUND_COST):
+# What a round costs a participating client, per algorithm (each strategy's cost):
 # synchronisations (round trips with the server), and the vectors of the model's size it
 # sends up and receives down.
 EQUAL_COST = {

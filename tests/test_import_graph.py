@@ -88,7 +88,7 @@ def test_the_base_imports_nothing_of_the_project_but_itself():
 # Every module a sweep's bookkeeping (status, report, restore, extend, a SLURM task's record)
 # and the config's validation load; the local launcher and SLURM submission too, since they
 # only start training processes.
-TENSORFLOW_FREE = ["hvd_gradalign_base.files", "hvd_gradalign_base.settings",
+TENSORFLOW_FREE = ["hvd_gradalign_base.files", "hvd_gradalign_base.settings", "hvd_gradalign_base.strategies",
                    "hvd_gradalign_base.federated_settings", "train.config", "train.schema",
                    "train.launch", "train.exit_codes", "sweeps.cli", "sweeps.state", "sweeps.report",
                    "sweeps.federated_report", "sweeps.archive", "sweeps.extend", "sweeps.targets",
@@ -135,3 +135,18 @@ def test_every_model_name_has_a_builder():
     from hvd_gradalign_base.settings import MODEL_NAMES
 
     assert tuple(MODELS) == MODEL_NAMES
+
+
+def test_every_strategy_module_is_an_algorithm_with_an_oracle_scenario():
+    """A strategy is found by its module's presence, under its module's name, and cannot
+    come in without a scenario that the oracle, 2-worker and resume tests run."""
+    import pkgutil
+
+    from hvd_gradalign_base import strategies
+    from hvd_gradalign_base.federated_settings import ALGORITHMS, ROUND_COST
+    from tests.federated_scenarios import SCENARIOS
+
+    modules = {m.name for m in pkgutil.iter_modules(strategies.__path__)}
+    assert set(ALGORITHMS) == modules and set(ROUND_COST) == modules
+    assert all(issubclass(s, strategies.FedAvg) for s in strategies.STRATEGIES.values())
+    assert set(ALGORITHMS) <= {spec["algorithm"] for spec in SCENARIOS.values()}
