@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hvd_gradalign_base.settings import check_alignment_strength
+from hvd_gradalign_base.settings import check_alignment_strength, check_learning_rate, check_weight_decay
 from hvd_gradalign_base.strategies import STRATEGIES, RoundCost  # noqa: F401 (RoundCost: part of this API)
 
 # Read from the strategies (one module per algorithm), so that an algorithm is named,
@@ -66,14 +66,19 @@ class FederatedConfig:
             for name in ("server_beta1", "server_beta2"):
                 if not 0 <= getattr(self, name) < 1:
                     bad(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("local_lr", "server_lr", "server_epsilon"):
-            if not getattr(self, name) > 0:
-                bad(name, f"must be > 0, got {getattr(self, name)}")
+        for name, rule in (("local_lr", check_learning_rate), ("server_lr", check_learning_rate),
+                           ("weight_decay", check_weight_decay)):
+            try:
+                rule(name, getattr(self, name))
+            except ValueError as err:
+                bad(name, str(err).removeprefix(f"{name} "))
+        if not self.server_epsilon > 0:
+            bad("server_epsilon", f"must be > 0, got {self.server_epsilon}")
         try:
             check_alignment_strength("beta", self.beta)
         except ValueError as err:
             bad("beta", str(err).removeprefix("beta "))
-        for name in ("weight_decay", "mu", "server_momentum", "grad_samples"):
+        for name in ("mu", "server_momentum", "grad_samples"):
             if getattr(self, name) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         check_participants(self.clients_per_round, clients)

@@ -61,3 +61,19 @@ def check_micro_batches(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"micro_batches must be an integer >= 1, got {value!r}.")
     return value
+
+
+def check_learning_rate(name, value) -> float:
+    """The rule on a learning rate (the training config's, a federated client's or server's)."""
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def check_weight_decay(name, value) -> float:
+    """The rule on a weight decay (the inner optimizer's, a federated client's)."""
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value

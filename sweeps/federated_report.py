@@ -15,7 +15,7 @@ from sweeps import markdown
 from sweeps.archive import restored_note, restored_result
 from sweeps.selection import TAIL, best_setting, mean_pm, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json
-from train.config import budget, is_federated
+from train.config import budget, is_federated, typed
 from hvd_gradalign_base.federated_settings import GRADIENTS_AT_X, ROUND_COST
 
 COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
@@ -25,10 +25,10 @@ SETTING_KEYS = ("lr", "beta", "mu")
 
 
 def _split_name(f):
-    if f["split"] == "dirichlet":
-        return f"dirichlet({f['alpha']:g})"
-    if f["split"] == "shards":
-        return f"shards×{f.get('shards_per_client', 1)}"
+    if f.split == "dirichlet":
+        return f"dirichlet({f.alpha:g})"
+    if f.split == "shards":
+        return f"shards×{f.shards_per_client}"
     return "iid"
 
 
@@ -45,15 +45,16 @@ def collect(run_dirs, at="final"):
             continue
         history = read_json(run_dir / "metrics.json") or []
         summary = read_json(run_dir / "summary.json") or {}
-        f, o = config["federated"], config["optim"]
+        c = typed(config)
+        f, o = c.federated, c.optim
         row = pick_epoch(history, at)
         wall_time = history[-1].get("wall_time") if history else None
         rows.append({
-            "id": run_dir.name, "status": point_state(run_dir, wanted=budget(config)), "algorithm": f["algorithm"],
-            "split": _split_name(f), "lr": o["lr"],
-            "beta": o["beta"] if f["algorithm"] in GRADIENTS_AT_X else 0.0,
-            "mu": f["mu"] if f["algorithm"] == "fedprox" else 0.0, "seed": config["train"]["seed"],
-            "rounds": f["rounds"], "rounds_done": summary.get("rounds_done", len(history)),
+            "id": run_dir.name, "status": point_state(run_dir, wanted=budget(config)), "algorithm": f.algorithm,
+            "split": _split_name(f), "lr": o.lr,
+            "beta": o.beta if f.algorithm in GRADIENTS_AT_X else 0.0,
+            "mu": f.mu if f.algorithm == "fedprox" else 0.0, "seed": c.train.seed,
+            "rounds": f.rounds, "rounds_done": summary.get("rounds_done", len(history)),
             "round": row.get("round"), "train_loss": row.get("train_loss"),
             "val_accuracy": row.get("val_accuracy"), "test_accuracy": row.get("test_accuracy"),
             "grad_variance": row.get("grad_variance"),

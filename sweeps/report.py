@@ -34,7 +34,7 @@ from hvd_gradalign_base.files import write_csv_atomic, write_text_atomic
 from sweeps import archive, markdown
 from sweeps.selection import AT, best_setting, mean_pm, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json, run_dirs
-from train.config import budget, is_federated
+from train.config import budget, is_federated, typed
 
 COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size", "workers",
            "micro_batches", "micro_batch_size", "lr", "lr_scaling", "warmup_epochs", "beta", "seed",
@@ -47,27 +47,26 @@ SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta", "epochs")
 
 def _micro(config, workers):
     """(micro-batches per worker, samples per micro-batch) that the point ran."""
-    o, local = config["optim"], config["train"]["batch_size"] // max(workers or 1, 1)
-    size = o.get("micro_batch_size") or 0
-    if size:
-        return local // size, size
-    return o["micro_batches"], local // o["micro_batches"]
+    c = typed(config)
+    o, local = c.optim, c.train.batch_size // max(workers or 1, 1)
+    if o.micro_batch_size:
+        return local // o.micro_batch_size, o.micro_batch_size
+    return o.micro_batches, local // o.micro_batches
 
 
-def method(optim: dict) -> str:
-    """The method a run's [optim] describes, as results tables name it: optim.optimizer,
-    with SAM's forms told apart (sam = per micro-batch, sam_global; an "a" for adaptive)."""
-    name = optim["optimizer"]
-    if name != "sam":
-        return name
-    return ("asam" if optim.get("sam_adaptive") else "sam") + (
-        "_global" if optim.get("sam_scope", "micro_batch") == "global" else "")
+def method(optim) -> str:
+    """The method a run's [optim] section describes, as results tables name it:
+    optim.optimizer, with SAM's forms told apart (sam = per micro-batch, sam_global; an "a"
+    for adaptive)."""
+    if optim.optimizer != "sam":
+        return optim.optimizer
+    return ("asam" if optim.sam_adaptive else "sam") + ("_global" if optim.sam_scope == "global" else "")
 
 
-def strength(optim: dict) -> float:
+def strength(optim) -> float:
     """The two-pass displacement's strength (the results' "beta" column): GradAlign's and the
     penalty's β, SAM's ρ."""
-    return optim.get("rho", 0.05) if optim["optimizer"] == "sam" else optim["beta"]
+    return optim.rho if optim.optimizer == "sam" else optim.beta
 
 
 STRENGTH_SYMBOL = {"gradalign": "β", "grad_penalty": "β"}  # any SAM form: ρ
@@ -75,12 +74,13 @@ STRENGTH_SYMBOL = {"gradalign": "β", "grad_penalty": "β"}  # any SAM form: ρ
 
 def _config_fields(config) -> dict:
     """The columns a run's config decides."""
-    o, t, d = config["optim"], config["train"], config["data"]
-    return {"dataset": d["dataset"], "model": config["model"]["model"], "optimizer": method(o),
-            "inner": o["inner"], "batch_size": t["batch_size"], "lr": o["lr"], "lr_scaling": o["lr_scaling"],
-            "warmup_epochs": o["warmup_epochs"], "beta": strength(o), "seed": t["seed"], "epochs": t["epochs"],
-            "train_samples": d.get("train_samples", 0), "subset_seed": d.get("subset_seed", -1),
-            "warmup_from": o.get("warmup_from", "lr") if o["warmup_epochs"] else ""}
+    c = typed(config)
+    o, t, d = c.optim, c.train, c.data
+    return {"dataset": d.dataset, "model": c.model.model, "optimizer": method(o),
+            "inner": o.inner, "batch_size": t.batch_size, "lr": o.lr, "lr_scaling": o.lr_scaling,
+            "warmup_epochs": o.warmup_epochs, "beta": strength(o), "seed": t.seed, "epochs": t.epochs,
+            "train_samples": d.train_samples, "subset_seed": d.subset_seed,
+            "warmup_from": o.warmup_from if o.warmup_epochs else ""}
 
 
 def pending_row(point_id, config, workers) -> dict:

@@ -38,6 +38,8 @@ def test_defaults_and_overrides(tmp_path):
     ('[optim]\nbeta = -0.1\n', r"optim\.beta must be a finite number >= 0"),
     ('[optim]\ndecay = "step"\n', r"needs optim\.decay_epochs"),
     ('[optim]\nmicro_batches = 0\n', r"optim\.micro_batches must be an integer >= 1, got 0"),
+    ('[optim]\nlr = 0.0\n', r"optim\.lr must be > 0, got 0\.0"),
+    ('[optim]\nweight_decay = -0.1\n', r"optim\.weight_decay must be >= 0, got -0\.1"),
     ('[train\n', r"c\.toml"),
     ('[federated]\nalgorithm = "fedavg"\nserver_optimizer = "yogi"\n',
      r"federated\.server_optimizer = 'yogi'; choose one of \('sgd', 'adam'\)"),

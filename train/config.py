@@ -18,7 +18,7 @@ from pathlib import Path
 from hvd_gradalign_base.federated_settings import ALGORITHMS, GRADIENTS_AT_X, FederatedConfig, FederatedConfigError
 from hvd_gradalign_base.settings import scaled_learning_rate, warmup_start
 
-from .schema import NOT_FEDERATED, SECTIONS, ConfigError
+from .schema import NOT_FEDERATED, SECTIONS, ConfigError, RunConfig
 
 # The schema's defaults as plain tables: what a run's config.toml, run identities and
 # sweep points are made of.
@@ -111,6 +111,24 @@ def run_identity(config: dict, ignore=()) -> dict:
     return {s: {k: v for k, v in keys.items()
                 if (s, k) not in skip and ADDED_LATER.get((s, k), object()) != v}
             for s, keys in config.items() if s != "federated" or federated}
+
+
+def typed(config) -> RunConfig:
+    """A config's typed form (a RunConfig passes through as it is): the training code and
+    the reports read values from this, never from the tables by string. A run's recorded
+    config.json may predate keys: those take the value that computes what it did
+    (ADDED_LATER), or their default."""
+    if isinstance(config, RunConfig):
+        return config
+    return RunConfig.from_tables({
+        section: {key: config.get(section, {}).get(key, ADDED_LATER.get((section, key), default))
+                  for key, default in defaults.items()}
+        for section, defaults in DEFAULTS.items()})
+
+
+def with_value(config: dict, section: str, key: str, value) -> dict:
+    """A copy of ``config`` with one key changed (checked as ``merge`` checks it)."""
+    return merge(copy.deepcopy(config), {section: {key: value}}, "with_value")
 
 
 def read_toml(path, what="TOML file") -> dict:
