@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import math
 
+# The dataset that ships with the project (hvd_gradalign.data prepares it from local files)
+# and the size of its train split, so that a sweep over it is checked without TensorFlow.
+EMBEDDED_DATASET = "fashion_mnist"
+EMBEDDED_TRAIN_SAMPLES = 60_000
+
 # Model builders by name (hvd_gradalign.models.MODELS has one for each; a test checks).
 MODEL_NAMES = ("mlp", "cnn2", "lenet", "resnet20", "wrn16_4")
 NORMS = ("batch", "group", "none")

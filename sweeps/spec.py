@@ -39,6 +39,7 @@ from pathlib import Path
 
 from train.config import (DEFAULTS, SECTION_OF, ConfigError, check_batch_split, check_data_fits, merge,
                           read_toml, run_identity, typed, uses_beta, validate)
+from hvd_gradalign_base.settings import EMBEDDED_DATASET, EMBEDDED_TRAIN_SAMPLES
 from train.launch import quiet_tensorflow_start
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +102,8 @@ def available_train_samples(config: dict) -> int:
     if d.train_samples:
         return 0
     key = (d.dataset, d.data_dir)
+    if d.dataset == EMBEDDED_DATASET:
+        _SPLIT_SIZES[key] = EMBEDDED_TRAIN_SAMPLES
     if key not in _SPLIT_SIZES:
         # The one place the bookkeeping needs TensorFlow (tensorflow-datasets' metadata);
         # every other sweeps command starts without it.

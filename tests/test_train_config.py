@@ -214,6 +214,12 @@ def test_unknown_and_unprepared_datasets(tmp_path):
         data.get_builder("cifar10", None)
 
 
+def test_the_embedded_train_split_has_the_size_sweeps_check_against():
+    from hvd_gradalign import data
+
+    assert data.dataset_info(data.get_builder(data.EMBEDDED_DATASET)).num_train == data.EMBEDDED_TRAIN_SAMPLES
+
+
 def test_missing_embedded_files_say_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
