@@ -148,7 +148,7 @@ def run_distributed(config, run_dir: Path) -> int:
         name, run_dir, workers, start.history, f"epoch {start.epoch}, step {start.step}",
         global_batch=t.batch_size))
     log(f"{pipes.info.name}: {pipes.train_samples} train samples, {workers_phrase(workers)}, global batch "
-        f"{t.batch_size}, {steps} steps/epoch, optimizer {config['optim']['optimizer']}, run dir {run_dir}")
+        f"{t.batch_size}, {steps} steps/epoch, optimizer {c.optim.optimizer}, run dir {run_dir}")
     callbacks, recorder = training_callbacks(config, run_dir, pipes, start, guard)
     t0 = time.perf_counter()
     fit_remaining(start, pipes, t.epochs, callbacks, t.verbose if rank == 0 else 0, guard)
