@@ -469,3 +469,18 @@ def test_keys_of_another_optimizer_are_refused():
     with pytest.raises(ConfigError, match=r"optim.sam_scope = 'batch'; choose one of"):
         load(["--optimizer", "sam", "--set", "optim.sam_scope=batch"])
     assert load(["--optimizer", "sam", "--set", "optim.rho=0.2"])["optim"]["rho"] == 0.2
+
+
+def test_only_the_config_module_reads_the_tables_by_key():
+    """Everything else reads typed(config).section.key, so a renamed key is an attribute
+    error where it is read, not a KeyError in a run hours later."""
+    import re
+
+    from tests.conftest import REPO
+
+    lookup = re.compile(r"""\[["'](data|model|optim|train|federated)["']\]""")
+    found = [f"{p.relative_to(REPO)}:{i}" for folder in ("train", "sweeps", "benchmarks", "hvd_gradalign")
+             for p in sorted((REPO / folder).rglob("*.py")) if p.name not in ("config.py", "schema.py")
+             or p.parent.name != "train"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if lookup.search(line)]
+    assert found == []
