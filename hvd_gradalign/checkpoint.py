@@ -18,9 +18,6 @@ temporary files), so that a group can read results on a shared cluster.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -29,68 +26,31 @@ from pathlib import Path
 
 import keras
 
+# The file layer (atomic writes, manifests, LATEST) is TensorFlow-free and shared with the
+# sweeps' bookkeeping; it is re-exported here because a checkpoint is made of it.
+from hvd_gradalign_base.files import (  # noqa: F401
+    CheckpointError,
+    SaveError,
+    latest,
+    publish,
+    readable_by_umask,
+    size,
+    umask,
+    verify,
+    write_csv_atomic,
+    write_manifest,
+    write_text_atomic,
+)
+
 PAYLOAD = ("model.keras", "state.json")
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        # A full disk leaves the old file as it was and no half-written one beside it.
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_csv_atomic(path, rows, fieldnames) -> None:
-    """``rows`` (dicts) as a CSV file, replaced atomically; missing keys stay empty."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fieldnames)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-class SaveError(CheckpointError):
-    """A checkpoint could not be written (a full disk, a quota, a lost mount); the
-    checkpoints already there are untouched and its temporary folder is gone."""
-
-
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
-
-
 def _save_error(root: Path, name: str, tmp: Path, err: OSError) -> SaveError:
-    written = _size(tmp)
+    written = size(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     previous = sorted(p for p in root.glob("ckpt-*") if p.is_dir())
     # The model does not grow between checkpoints: the last complete one is the size to free.
-    needed = _size(previous[-1]) if previous else written
+    needed = size(previous[-1]) if previous else written
     try:
         free = f"{shutil.disk_usage(root).free / 1e6:,.1f} MB free"
     except OSError:
@@ -110,7 +70,7 @@ def save(root, model: keras.Model, epoch: int, step: int = 0, keep: int = 2, **s
     name = f"ckpt-{epoch:06d}-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         model.save(tmp / "model.keras")
         write_text_atomic(tmp / "state.json", json.dumps({"epoch": epoch, "step": step, **state}))
         write_manifest(tmp, PAYLOAD)
@@ -122,82 +82,6 @@ def save(root, model: keras.Model, epoch: int, step: int = 0, keep: int = 2, **s
     os.replace(tmp, final)
     publish(root, name, keep, pattern="ckpt-*")
     return final
-
-
-def publish(root, name: str, keep: int, pattern: str) -> None:
-    """Name the complete checkpoint ``root/name`` in LATEST, then drop all but the
-    newest ``keep`` checkpoints matching ``pattern`` and any half-written leftovers
-    (for distributed and federated runs alike: one layout of a checkpoint folder)."""
-    root = Path(root)
-    write_text_atomic(root / "LATEST", name)
-    complete = sorted(p for p in root.glob(pattern) if p.is_dir())
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob("." + pattern):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def write_manifest(folder, files) -> None:
-    """manifest.json in ``folder``: the size and SHA-256 of each of ``files``, written
-    last, so that a folder with a manifest is complete and can be checked."""
-    folder = Path(folder)
-    manifest = {f: {"size": (folder / f).stat().st_size, "sha256": _digest(folder / f)} for f in files}
-    write_text_atomic(folder / "manifest.json", json.dumps(manifest))
-
-
-def readable_by_umask(path) -> None:
-    """Give a file made by mkstemp (0600) the permissions the umask allows."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def verify(path) -> str | None:
-    """Why the checkpoint at ``path`` is damaged, or None when it is intact: every file
-    its manifest lists is there with the size and checksum it was written with."""
-    path = Path(path)
-    if not path.is_dir():
-        return "missing"
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except FileNotFoundError:
-        return "no manifest.json (incomplete)"
-    except json.JSONDecodeError:
-        return "manifest.json is damaged"
-    for name in manifest:
-        f = path / name
-        if not f.exists():
-            return f"{name} is missing"
-        if f.stat().st_size != manifest[name]["size"]:
-            return f"{name} has {f.stat().st_size} bytes, {manifest[name]['size']} were written"
-        if _digest(f) != manifest[name]["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
-
-
-def latest(root, warn=print, pattern="ckpt-*") -> Path | None:
-    """The newest intact checkpoint under ``root``: the one LATEST names, else the
-    newest other intact one (``warn`` says what was skipped and why). None when
-    there is no checkpoint at all; CheckpointError when there are only damaged ones."""
-    root = Path(root)
-    try:
-        named = (root / "LATEST").read_text().strip()
-    except FileNotFoundError:
-        named = None
-    candidates = sorted((p for p in root.glob(pattern) if p.is_dir()), reverse=True)
-    if named:
-        candidates = [root / named] + [p for p in candidates if p.name != named]
-    if not candidates:
-        return None
-    skipped = []
-    for path in candidates:
-        problem = verify(path)
-        if problem is None:
-            if skipped:
-                warn(f"warning: skipped damaged checkpoint(s) {'; '.join(skipped)}; resuming from {path.name}")
-            return path
-        skipped.append(f"{path.name}: {problem}")
-    raise CheckpointError(
-        f"no intact checkpoint in {root} ({'; '.join(skipped)}). To start this run over, delete "
-        f"{root}.")
 
 
 def load(path):

@@ -17,6 +17,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from hvd_gradalign_base.settings import EMBEDDED_DATASET, EMBEDDED_TRAIN_SAMPLES  # noqa: F401
+
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -60,7 +62,6 @@ def fashion_mnist_arrays(split: str, data_dir=None):
 # tensorflow-datasets: the embedded Fashion-MNIST builder and any tfds dataset
 # ---------------------------------------------------------------------------
 
-EMBEDDED_DATASET = "fashion_mnist"
 DEFAULT_DATA_DIR = Path(os.environ.get(
     "HVD_GRADALIGN_DATA_DIR", Path.home() / ".cache" / "hvd_gradalign" / "tensorflow_datasets"))
 # Datasets whose usual augmentation is a padded random crop and a horizontal flip.

@@ -1,4 +1,4 @@
-"""Federated rounds on Horovod: FedAvg, FedGA, SCAFFOLD, FedProx (library core).
+"""Federated rounds on Horovod: FedAvg, FedGA (two- and one-sync), SCAFFOLD, FedProx (library core).
 
 Clients are virtual: client c lives on worker c % size, so the same run on 1, 2
 or N workers samples the same clients and computes the same round up to float
@@ -6,34 +6,21 @@ rounding. A round's participants are drawn from (seed, round) alone, the same on
 every worker without communication. A worker with no participant in a round
 still joins every allreduce (with zeros).
 
-Every algorithm is one function of explicit state, in the manner of optax:
+A round is one function of explicit state, in the manner of optax:
 ``run_round(state, ...) -> state``; ``FederatedState`` holds the global weights,
-the server optimizer's momentum, and SCAFFOLD's control variates (the server's c
-and each client's c_i, which persist across rounds and belong in checkpoints).
+the server optimizer's momentum, and the algorithms' own state (SCAFFOLD's control
+variates, one-sync FedGA's ĝ), which persists across rounds and belongs in checkpoints.
+What differs between algorithms is their strategy (``hvd_gradalign_base.strategies``, one
+module each: FedAvg, FedProx, SCAFFOLD, FedGA, one-sync FedGA, with their equations):
+where a participant starts, what its local steps add to the gradient, what it reports
+and how the server averages. The round loop below knows no algorithm by name.
 
 Local training is plain SGD on the client's mini-batches (``local_steps`` of
 them, cycling through the client's data in a per-(seed, round, client) order)
 with optional weight decay, written out here rather than through a Keras
 optimizer so that the correction terms of SCAFFOLD and FedProx enter the
-gradient exactly as their papers define them:
-
-- FedAvg:   y ← y − η (∇f_i(y) + λ y)
-- FedProx:  y ← y − η (∇f_i(y) + λ y + μ (y − x))            (Li et al. 2020)
-- SCAFFOLD: y ← y − η (∇f_i(y) + λ y − c_i + c); after K steps
-            c_i⁺ = c_i − c + (x − y_i) / (K η)   (option II, Karimireddy et al. 2020);
-            c ← c + (|S|/N) · mean_S (c_i⁺ − c_i)
-- FedGA:    g_i = ∇f_i(x) on the client's data (or its first ``grad_samples``),
-            ḡ = n-weighted mean over the participants (one allreduce), and the
-            client starts from y_i = x + β (g_i − ḡ) (Dandi et al. 2022, Fig. 1).
-            Two synchronisations a round: ḡ must reach the clients before they train.
-- FedGA, one synchronisation (``fedga_1sync``): the client starts from
-            y_i = x + β (g_i − ĝ), where ĝ is the previous round's ḡ, which the
-            participants' g_i built on their way up beside their models and which comes
-            down with x. The starts then no longer average to x: they are shifted by
-            β (ḡ − ĝ) in common, so the server takes that shift back out of the
-            average, x̄ ← x̄ − β (ḡ − ĝ), which makes the round agree with two-sync FedGA
-            to first order in β. The first round has no ĝ and is a FedAvg round that
-            collects ḡ. β = 0 is FedAvg.
+gradient exactly as their papers define them: y ← y − η (∇f_i(y) + λ y + the
+strategy's terms).
 
 The new global weights are the n_i-weighted mean x̄ of the participants' models
 (SCAFFOLD: the plain mean, as its paper); a server step then moves x along the
@@ -56,30 +43,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
+# The settings, their checks and the round costs are TensorFlow-free (the config and the
+# reports use them without the trainer); re-exported as part of this module's API.
+from hvd_gradalign_base.federated_settings import (  # noqa: F401
+    ALGORITHMS,
+    GRADIENTS_AT_X,
+    ROUND_COST,
+    SERVER_OPTIMIZERS,
+    SPLITS,
+    FederatedConfig,
+    FederatedConfigError,
+    RoundCost,
+    check_participants,
+    check_split,
+)
+from hvd_gradalign_base.strategies import STRATEGIES
+
 from . import distributed
-from .optimizers import check_alignment_strength
-
-ALGORITHMS = ("fedavg", "fedga", "fedga_1sync", "scaffold", "fedprox")
-# The algorithms that compute every participant's gradient g_i at x.
-GRADIENTS_AT_X = ("fedga", "fedga_1sync")
-
-
-@dataclass(frozen=True)
-class RoundCost:
-    """What one round costs a participating client in communication: synchronisations
-    (round trips with the server) and vectors of the model's size sent up and down."""
-    syncs: int
-    up: int
-    down: int
-
-
-# FedAvg/FedProx: x down, the model up. SCAFFOLD: x and c down, the model and the change of
-# c_i up. FedGA: x down, g_i up, ḡ down, the model up (two round trips). FedGA one-sync:
-# x and ĝ down, the model and g_i up (one round trip).
-ROUND_COST = {"fedavg": RoundCost(1, 1, 1), "fedprox": RoundCost(1, 1, 1), "scaffold": RoundCost(1, 2, 2),
-              "fedga": RoundCost(2, 2, 2), "fedga_1sync": RoundCost(1, 2, 2)}
-SERVER_OPTIMIZERS = ("sgd", "adam")
-
 
 # ---- data splits ---------------------------------------------------------------
 
@@ -145,96 +125,8 @@ def sample_clients(round_index: int, clients: int, per_round: int, seed: int) ->
     return np.sort(np.random.default_rng([seed, round_index]).choice(clients, per_round, replace=False))
 
 
-def check_participants(per_round: int, clients: int) -> None:
-    """The rule on how many clients a round draws (a FederatedConfigError naming it)."""
-    if not 1 <= per_round <= clients:
-        raise FederatedConfigError("clients_per_round", f"= {per_round} must be between 1 and the number "
-                                                        f"of clients ({clients})")
-
-
 def owner(client: int, workers: int) -> int:
     return client % workers
-
-
-@dataclass
-class FederatedConfig:
-    algorithm: str = "fedavg"
-    local_steps: int = 10          # K
-    local_batch: int = 32
-    local_lr: float = 0.05         # η
-    weight_decay: float = 0.0      # λ, inside every local step
-    beta: float = 0.0              # FedGA
-    grad_samples: int = 0          # FedGA: samples of g_i (0 = all the client's data)
-    mu: float = 0.0                # FedProx
-    server_optimizer: str = "sgd"  # sgd (FedAvgM with momentum) | adam (FedAdam)
-    server_lr: float = 1.0
-    server_momentum: float = 0.0   # sgd only
-    server_beta1: float = 0.9      # adam only
-    server_beta2: float = 0.99
-    server_epsilon: float = 1e-3   # τ, Reddi et al.'s adaptivity
-    clients_per_round: int = 10
-    seed: int = 0
-    log_variance: bool = True      # V over the participants' gradients at x (costs a pass,
-                                   # as much as K·b local samples; FedGA has it for free)
-
-    def check(self, clients: int):
-        """Every rule on these values, in one place: `python -m train` and sweep specs
-        call it before anything is written or launched (train.config.validate)."""
-        def bad(name, message):
-            raise FederatedConfigError(name, message)
-
-        if self.algorithm not in ALGORITHMS:
-            bad("algorithm", f"= {self.algorithm!r}; choose one of {ALGORITHMS}")
-        for name in ("local_steps", "local_batch"):
-            if getattr(self, name) < 1:
-                bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.server_optimizer not in SERVER_OPTIMIZERS:
-            bad("server_optimizer", f"= {self.server_optimizer!r}; choose one of {SERVER_OPTIMIZERS}")
-        if self.server_optimizer == "adam":
-            if self.server_momentum:
-                bad("server_momentum", "is for server_optimizer = 'sgd'; FedAdam's first moment is server_beta1")
-            for name in ("server_beta1", "server_beta2"):
-                if not 0 <= getattr(self, name) < 1:
-                    bad(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("local_lr", "server_lr", "server_epsilon"):
-            if not getattr(self, name) > 0:
-                bad(name, f"must be > 0, got {getattr(self, name)}")
-        try:
-            check_alignment_strength("beta", self.beta)
-        except ValueError as err:
-            bad("beta", str(err).removeprefix("beta "))
-        for name in ("weight_decay", "mu", "server_momentum", "grad_samples"):
-            if getattr(self, name) < 0:
-                bad(name, f"must be >= 0, got {getattr(self, name)}")
-        check_participants(self.clients_per_round, clients)
-
-
-class FederatedConfigError(ValueError):
-    """A federated setting that cannot run; ``field`` names it (a FederatedConfig field or
-    a split argument), so that a caller can name its own key for it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field} {message}")
-        self.field, self.message = field, message
-
-
-SPLITS = ("iid", "shards", "dirichlet")
-
-
-def check_split(split: str, clients: int, iid_fraction: float = 0.0, shards_per_client: int = 1,
-                alpha: float = 1.0) -> None:
-    """The rules on a split's arguments (what the data makes of them is _check_split's)."""
-    if split not in SPLITS:
-        raise FederatedConfigError("split", f"= {split!r}; choose one of {SPLITS}")
-    if clients < 1:
-        raise FederatedConfigError("clients", f"must be >= 1, got {clients}")
-    if split == "shards":
-        if not 0.0 <= iid_fraction <= 1.0:
-            raise FederatedConfigError("iid_fraction", f"must be in [0, 1], got {iid_fraction}")
-        if shards_per_client < 1:
-            raise FederatedConfigError("shards_per_client", f"must be >= 1, got {shards_per_client}")
-    if split == "dirichlet" and not alpha > 0:
-        raise FederatedConfigError("alpha", f"must be > 0 (a Dirichlet concentration), got {alpha}")
 
 
 @dataclass
@@ -305,6 +197,7 @@ class FederatedTrainer:
     def __init__(self, model, loss_fn, x, y, client_indices, config: FederatedConfig):
         config.check(len(client_indices))
         self.model, self.loss_fn, self.config = model, loss_fn, config
+        self.strategy = STRATEGIES[config.algorithm](config)
         self.x, self.y = x, y
         self.clients = [np.asarray(c) for c in client_indices]
         self.variables = list(model.trainable_variables)
@@ -322,8 +215,7 @@ class FederatedTrainer:
             state.server_velocity = zeros()
         if self.config.server_optimizer == "adam":
             state.server_second_moment = zeros()
-        if self.config.algorithm == "scaffold":
-            state.c = zeros()
+        self.strategy.init_state(state, zeros)
         return self._live(state)
 
     def _live(self, state: FederatedState) -> FederatedState:
@@ -333,14 +225,29 @@ class FederatedTrainer:
         state.server_second_moment = _variables(state.server_second_moment)
         state.c = _variables(state.c)
         state.g_estimate = _variables(state.g_estimate)
-        if self.config.algorithm == "scaffold" and state.c_stacked is None:
-            rows = [np.zeros((len(self.clients),) + tuple(w.shape), w.dtype.as_numpy_dtype) for w in state.weights]
-            for client, cs in state._restored_c.items():
-                for row, v in zip(rows, cs):
-                    row[client] = v
-            state.c_stacked = _variables(rows)
-            state.c_started, state._restored_c = set(state._restored_c), {}
+        self.strategy.live(self, state)
         return state
+
+    # -- what the strategies ask of the trainer ------------------------------------------
+    num_clients = property(lambda self: len(self.clients))
+
+    @staticmethod
+    def variables_of(values):
+        """``values`` as trainer state (variables), for a strategy's own entries."""
+        return _variables(values)
+
+    def stacked_rows(self, rows: dict, like):
+        """Variables shaped as ``like`` with a leading row per client, holding ``rows``
+        ({client: list of arrays}) and zeros elsewhere."""
+        stacked = [np.zeros((len(self.clients),) + tuple(w.shape), w.dtype.as_numpy_dtype) for w in like]
+        for client, values in rows.items():
+            for row, v in zip(stacked, values):
+                row[client] = v
+        return _variables(stacked)
+
+    @staticmethod
+    def gather_rows(stacked, rows):
+        return [tf.gather(v, rows) for v in stacked]
 
     # -- clients, in-graph ------------------------------------------------------------
     # Weights are passed explicitly (stateless_call), so the participants that share a
@@ -389,8 +296,9 @@ class FederatedTrainer:
                 new = []
                 for j in range(len(y)):
                     update = g[j] + cfg.weight_decay * y[j]
-                    if cfg.algorithm == "fedprox":
-                        update = update + cfg.mu * (y[j] - x_global[j])
+                    extra = self.strategy.local_term(y[j], x_global[j])
+                    if extra is not None:
+                        update = update + extra
                     if corrections is not None:
                         update = update + corrections[j][i]
                     new.append(y[j] - cfg.local_lr * update)
@@ -447,8 +355,8 @@ class FederatedTrainer:
         n = {c: float(len(self.clients[c])) for c in sampled}
 
         starts, grads, metrics = self._starts(state, x, mine, n, log_variance)
-        models, c_delta = self._train_clients(state, x, mine, starts)
-        x_bar = self._aggregate(state, x, sampled, n, models, c_delta, grads, metrics)
+        models, reports = self._train_clients(state, x, mine, starts)
+        x_bar = self.strategy.aggregate(self, state, x, sampled, n, models, reports, grads, metrics)
         for w, new in zip(state.weights, self._server_step(state, x, [xw - xb for xw, xb in zip(x, x_bar)])):
             w.assign(new)
         state.round += 1
@@ -457,31 +365,20 @@ class FederatedTrainer:
         return state, metrics
 
     def _starts(self, state, x, mine, n, log_variance):
-        """Where each of this worker's participants starts (FedGA: x + β(g_i − ḡ);
-        one-sync FedGA: x + β(g_i − ĝ); the others: x), their g_i at x when the algorithm
-        or ``log_variance`` needs them, and V at x (one-sync FedGA: after the round)."""
+        """Where each of this worker's participants starts (the strategy's), their g_i at
+        x when the strategy or ``log_variance`` needs them, and the strategy's metrics."""
         cfg = self.config
-        starts, grads, metrics = {c: x for c in mine}, {}, {}
-        if cfg.algorithm not in GRADIENTS_AT_X and not log_variance:
-            return starts, grads, metrics
+        if not self.strategy.gradients_at_x and not log_variance:
+            return {c: x for c in mine}, {}, {}
         idx = {c: self.clients[c][:cfg.grad_samples] if cfg.grad_samples else self.clients[c] for c in mine}
         grads = {}
         for group in self._by_shape(idx):
             stacked = self._grads(list(x), tf.constant(np.stack([idx[c] for c in group])))
             grads.update({c: [g[i] for g in stacked] for i, c in enumerate(group)})
-        if cfg.algorithm == "fedga_1sync":
-            if state.g_estimate is not None:
-                for c in mine:
-                    starts[c] = [w + cfg.beta * (g - gh) for w, g, gh in zip(x, grads[c], state.g_estimate)]
-            return starts, grads, metrics  # ḡ comes up with the models
-        g_bar = self._weighted_mean(grads, n, like=x)
-        if cfg.algorithm == "fedga":
-            for c in mine:
-                starts[c] = [w + cfg.beta * (g - gb) for w, g, gb in zip(x, grads[c], g_bar)]
-        metrics.update(self._variance(grads, g_bar, n))
+        starts, metrics = self.strategy.starts(self, state, x, grads, n)
         return starts, grads, metrics
 
-    def _variance(self, grads, g_bar, n):
+    def variance(self, grads, g_bar, n):
         """V = n-weighted mean over all participants of ‖g_i − ḡ‖² (what FedGA acts on),
         and V/‖ḡ‖²; ``grads`` holds this worker's participants."""
         sq = lambda ts: tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float64))) for t in ts])  # noqa: E731
@@ -492,55 +389,18 @@ class FederatedTrainer:
         return {"grad_variance": v, "grad_variance_ratio": v / g_bar_sq if g_bar_sq else 0.0}
 
     def _train_clients(self, state, x, mine, starts):
-        """Each participant's model after its K local steps; SCAFFOLD: its c_i updated in
-        ``state`` and the changes returned."""
-        cfg = self.config
+        """Each participant's model after its K local steps, and what the strategy has
+        it report besides."""
         batches = {c: np.stack(list(self._batches(c, state.round))) for c in mine}
-        models, c_delta = {}, {}
+        models, reports = {}, {}
         for group in self._by_shape(batches):
             rows = tf.constant(group)
             stacked_starts = [tf.stack([starts[c][j] for c in group]) for j in range(len(x))]
-            corrections = None
-            if cfg.algorithm == "scaffold":
-                ci = [tf.gather(v, rows) for v in state.c_stacked]
-                corrections = [cc[None] - ci_ for cc, ci_ in zip(state.c, ci)]
-            y = self._train(stacked_starts, list(x), corrections,
+            y = self._train(stacked_starts, list(x), self.strategy.corrections(self, state, rows),
                             tf.constant(np.stack([batches[c] for c in group])))
             models.update({c: [w[i] for w in y] for i, c in enumerate(group)})
-            if cfg.algorithm == "scaffold":
-                delta = [(xw[None] - yw) / (cfg.local_steps * cfg.local_lr) - cc[None]
-                         for xw, yw, cc in zip(x, y, state.c)]  # new c_i − c_i
-                for v, ci_, d in zip(state.c_stacked, ci, delta):
-                    v.scatter_nd_update(rows[:, None], ci_ + d)
-                c_delta.update({c: [d[i] for d in delta] for i, c in enumerate(group)})
-                state.c_started.update(group)
-        return models, c_delta
-
-    def _aggregate(self, state, x, sampled, n, models, c_delta, grads, metrics):
-        """x̄ over all workers' participants (n_i-weighted; SCAFFOLD: the paper's plain
-        means, and its server c moved by |S|/N of the mean change of the c_i; one-sync
-        FedGA: ḡ comes up with the models, the starts' common shift β(ḡ − ĝ) is taken
-        back out of x̄, and ḡ becomes the next round's ĝ)."""
-        cfg = self.config
-        if cfg.algorithm == "fedga_1sync":
-            both = self._weighted_mean({c: list(models[c]) + list(grads[c]) for c in models}, n, like=list(x) * 2)
-            x_bar, g_bar = both[:len(x)], both[len(x):]
-            if state.g_estimate is None:
-                state.g_estimate = _variables(g_bar)
-            else:
-                x_bar = [xb - cfg.beta * (gb - gh) for xb, gb, gh in zip(x_bar, g_bar, state.g_estimate)]
-                for gh, gb in zip(state.g_estimate, g_bar):
-                    gh.assign(gb)
-            metrics.update(self._variance(grads, g_bar, n))
-            return x_bar
-        if cfg.algorithm != "scaffold":
-            return self._weighted_mean(models, n, like=x)
-        ones = {c: 1.0 for c in sampled}
-        x_bar = self._weighted_mean(models, ones, like=x)
-        dc = self._weighted_mean(c_delta, ones, like=x)
-        for cc, d in zip(state.c, dc):
-            cc.assign_add(len(sampled) / len(self.clients) * d)
-        return x_bar
+            reports.update(self.strategy.after_training(self, state, x, rows, group, y))
+        return models, reports
 
     def _server_step(self, state: FederatedState, x, delta):
         """x moved along the pseudo-gradient Δ by the server optimizer (its state updated)."""
@@ -558,7 +418,7 @@ class FederatedTrainer:
             delta = state.server_velocity
         return [xw - cfg.server_lr * d for xw, d in zip(x, delta)]
 
-    def _weighted_mean(self, values: dict, weights: dict, like):
+    def weighted_mean(self, values: dict, weights: dict, like):
         """Σ_i w_i v_i / Σ_i w_i over all workers' entries (one allreduce of sums, in
         float64); a worker with no entry sends zeros."""
         total = [tf.zeros(w.shape, tf.float64) for w in like]

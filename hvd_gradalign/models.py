@@ -11,7 +11,9 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-NORMS = ("batch", "group", "none")
+from hvd_gradalign_base.settings import MODEL_NAMES, NORMS  # noqa: F401 (the names, TF-free)
+
+
 
 
 def _norm(kind, channels):

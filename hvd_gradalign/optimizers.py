@@ -8,10 +8,15 @@ decides which gradient reaches it.
 
 from __future__ import annotations
 
-import math
-
 import keras
 from keras.src.utils import tracking
+
+from hvd_gradalign_base.settings import (  # noqa: F401 (the names are part of this module's API)
+    INNER_OPTIMIZERS,
+    SAM_SCOPES,
+    check_alignment_strength,
+    check_micro_batches,
+)
 
 from . import displacements, distributed
 
@@ -167,9 +172,6 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         return cls(inner, **config)
 
 
-INNER_OPTIMIZERS = ("sgd", "adam", "adamw", "lamb")
-
-
 def make_inner(name, learning_rate, *, momentum=0.0, nesterov=False, weight_decay=0.0,
                global_clipnorm=None):
     """A Keras optimizer by name (one of INNER_OPTIMIZERS). ``weight_decay`` is the
@@ -186,19 +188,6 @@ def make_inner(name, learning_rate, *, momentum=0.0, nesterov=False, weight_deca
     if name == "lamb":
         return keras.optimizers.Lamb(learning_rate, weight_decay=wd, **common)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {INNER_OPTIMIZERS}")
-
-
-def check_alignment_strength(name, value) -> float:
-    """The rule on GradAlign's and FedGA's β (and β's ratio to the lr), in one place:
-    the optimizers, the federated rounds and the training config all call it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"{name} must be a finite number >= 0, got {value!r}. A negative value "
-            "displaces micro-batches the wrong way (for GradAlign it pushes their gradients apart)."
-        )
-    return float(value)
 
 
 class TwoPassOptimizer(DistributedOptimizer):
@@ -228,9 +217,7 @@ class TwoPassOptimizer(DistributedOptimizer):
                 "both gradient passes, so it goes outside: keras.optimizers.LossScaleOptimizer("
                 f"{type(self).__name__}(inner, ...)), which compile() builds by itself under the "
                 "'mixed_float16' policy.")
-        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}.")
-        self.micro_batches = micro_batches
+        self.micro_batches = check_micro_batches(micro_batches)
         self._fixed = self._lr_ratio = None
 
     def _set_strength(self, fixed, lr_ratio, names):
@@ -347,9 +334,6 @@ class GradientPenalty(TwoPassOptimizer):
 
     def get_config(self):
         return {**self._base_config(), "strength": self.strength, "strength_lr_ratio": self.strength_lr_ratio}
-
-
-SAM_SCOPES = ("micro_batch", "global")
 
 
 @keras.saving.register_keras_serializable(package="hvd_gradalign")

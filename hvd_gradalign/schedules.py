@@ -7,34 +7,15 @@ import math
 import keras
 import tensorflow as tf
 
-SCALING_RULES = ("linear", "sqrt", "none")
-DECAYS = ("constant", "step", "cosine")
-# Where a warmup starts: "zero" (the usual meaning) or "lr", the learning rate tuned at the
-# reference batch (Goyal et al. 2017: from the small-batch rate to the scaled peak).
-WARMUP_STARTS = ("zero", "lr")
-
-
-def warmup_start(warmup_from: str, base_lr: float, peak_lr: float) -> float:
-    """The learning rate a warmup starts from; refuses a warmup that would not ramp."""
-    if warmup_from not in WARMUP_STARTS:
-        raise ValueError(f"unknown warmup start {warmup_from!r}; choose one of {WARMUP_STARTS}")
-    if warmup_from == "zero":
-        return 0.0
-    if base_lr >= peak_lr:
-        raise ValueError(
-            f"a warmup from the base lr {base_lr:g} to the peak lr {peak_lr:g} would not ramp up "
-            f"(the peak is the base lr scaled to the global batch, and here it is not larger: "
-            f"lr_scaling 'none', or a batch at or below reference_batch); warm up from zero "
-            f"(optim.warmup_from = 'zero') or set optim.warmup_epochs = 0")
-    return base_lr
-
-
-def scaled_learning_rate(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
-    """The peak learning rate for ``global_batch`` from ``base_lr`` tuned at ``reference_batch``."""
-    if rule not in SCALING_RULES:
-        raise ValueError(f"unknown LR scaling rule {rule!r}; choose one of {SCALING_RULES}")
-    k = global_batch / reference_batch
-    return base_lr * {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[rule]
+# The lr arithmetic and the names of the schedules are TensorFlow-free, for validating a run
+# before launch; re-exported as part of this module's API.
+from hvd_gradalign_base.settings import (  # noqa: F401
+    DECAYS,
+    SCALING_RULES,
+    WARMUP_STARTS,
+    scaled_learning_rate,
+    warmup_start,
+)
 
 
 @keras.saving.register_keras_serializable(package="hvd_gradalign")

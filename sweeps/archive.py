@@ -29,8 +29,8 @@ import json
 import shutil
 from pathlib import Path
 
-from hvd_gradalign import checkpoint
-from hvd_gradalign.checkpoint import write_text_atomic
+from hvd_gradalign_base import files
+from hvd_gradalign_base.files import write_text_atomic
 from sweeps import state
 from train.config import budget
 
@@ -83,8 +83,8 @@ def _newest_checkpoint(run_dir):
     None when it has none, or only damaged ones (that run starts over wherever it runs)."""
     for pattern in CHECKPOINT_PATTERNS:
         try:
-            found = checkpoint.latest(Path(run_dir) / CHECKPOINTS, warn=lambda _: None, pattern=pattern)
-        except checkpoint.CheckpointError:
+            found = files.latest(Path(run_dir) / CHECKPOINTS, warn=lambda _: None, pattern=pattern)
+        except files.CheckpointError:
             continue
         # LATEST is tried first whatever the pattern: keep it only under its own.
         if found is not None and found.match(pattern):
@@ -100,13 +100,13 @@ def _park_checkpoint(run_dir, target) -> bool:
         return False
     source, pattern = newest
     dest = Path(target) / CHECKPOINTS
-    if checkpoint.verify(dest / source.name) is not None:  # not parked by an earlier report
+    if files.verify(dest / source.name) is not None:  # not parked by an earlier report
         staging = dest / f".{source.name}.parking"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(source, staging)
         shutil.rmtree(dest / source.name, ignore_errors=True)
         staging.replace(dest / source.name)
-    checkpoint.publish(dest, source.name, keep=1, pattern=pattern)
+    files.publish(dest, source.name, keep=1, pattern=pattern)
     return True
 
 

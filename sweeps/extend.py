@@ -15,10 +15,10 @@ import json
 import shutil
 from pathlib import Path
 
-from hvd_gradalign.checkpoint import write_text_atomic
+from hvd_gradalign_base.files import write_text_atomic
 from sweeps import state
 from sweeps.local import claim
-from train.config import budget, resume_conflict
+from train.config import budget, resume_conflict, typed, with_value
 
 NOT_COPIED = ("launcher.json", "launcher.lock", "point.toml")
 
@@ -42,7 +42,7 @@ def _longest_shorter(point, candidates) -> tuple[Path, int] | None:
         if run_dir == point.run_dir or summary.get("workers") != point.workers or done >= wanted:
             continue
         # run_dir is the one key two runs of the same settings never share.
-        same_place = {**config, "train": {**config["train"], "run_dir": point.config["train"]["run_dir"]}}
+        same_place = with_value(config, "train", "run_dir", typed(point.config).train.run_dir)
         if resume_conflict(same_place, point.config) is None and (best is None or done > best[1]):
             best = (run_dir, done)
     return best

@@ -10,12 +10,13 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
+from hvd_gradalign_base.files import write_csv_atomic, write_text_atomic
+from sweeps import markdown
 from sweeps.archive import restored_note, restored_result
 from sweeps.selection import TAIL, best_setting, mean_pm, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json
-from train.config import budget, is_federated
-from hvd_gradalign.federated import GRADIENTS_AT_X, ROUND_COST
+from train.config import budget, is_federated, typed
+from hvd_gradalign_base.federated_settings import GRADIENTS_AT_X, ROUND_COST
 
 COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
            "round", "train_loss", "val_accuracy", "test_accuracy", "grad_variance", "wall_time",
@@ -24,10 +25,10 @@ SETTING_KEYS = ("lr", "beta", "mu")
 
 
 def _split_name(f):
-    if f["split"] == "dirichlet":
-        return f"dirichlet({f['alpha']:g})"
-    if f["split"] == "shards":
-        return f"shards×{f.get('shards_per_client', 1)}"
+    if f.split == "dirichlet":
+        return f"dirichlet({f.alpha:g})"
+    if f.split == "shards":
+        return f"shards×{f.shards_per_client}"
     return "iid"
 
 
@@ -44,15 +45,16 @@ def collect(run_dirs, at="final"):
             continue
         history = read_json(run_dir / "metrics.json") or []
         summary = read_json(run_dir / "summary.json") or {}
-        f, o = config["federated"], config["optim"]
+        c = typed(config)
+        f, o = c.federated, c.optim
         row = pick_epoch(history, at)
         wall_time = history[-1].get("wall_time") if history else None
         rows.append({
-            "id": run_dir.name, "status": point_state(run_dir, wanted=budget(config)), "algorithm": f["algorithm"],
-            "split": _split_name(f), "lr": o["lr"],
-            "beta": o["beta"] if f["algorithm"] in GRADIENTS_AT_X else 0.0,
-            "mu": f["mu"] if f["algorithm"] == "fedprox" else 0.0, "seed": config["train"]["seed"],
-            "rounds": f["rounds"], "rounds_done": summary.get("rounds_done", len(history)),
+            "id": run_dir.name, "status": point_state(run_dir, wanted=budget(config)), "algorithm": f.algorithm,
+            "split": _split_name(f), "lr": o.lr,
+            "beta": o.beta if f.algorithm in GRADIENTS_AT_X else 0.0,
+            "mu": f.mu if f.algorithm == "fedprox" else 0.0, "seed": c.train.seed,
+            "rounds": f.rounds, "rounds_done": summary.get("rounds_done", len(history)),
             "round": row.get("round"), "train_loss": row.get("train_loss"),
             "val_accuracy": row.get("val_accuracy"), "test_accuracy": row.get("test_accuracy"),
             "grad_variance": row.get("grad_variance"),
@@ -80,18 +82,15 @@ def report(run_dirs, out: Path, at="final", header="") -> dict:
               for best in [best_setting(settings, "val_accuracy", max)]}
     splits = sorted({s for s, _ in chosen})
     algorithms = sorted({a for _, a in chosen})
-    lines = ["| split | " + " | ".join(algorithms) + " |", "|---|" + "---|" * len(algorithms)]
-    for split in splits:
-        cells = []
-        for a in algorithms:
-            if (split, a) not in chosen:
-                cells.append("–")
-                continue
-            setting, seeds = chosen[(split, a)]
-            tests = [r["test_accuracy"] for r in seeds]
-            cells.append("–" if mean_std(tests)[0] is None
-                         else f"{mean_pm(tests)} ({_setting_label(setting)}, n={len(seeds)})")
-        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+
+    def cell(split, a):
+        if (split, a) not in chosen:
+            return None
+        setting, seeds = chosen[(split, a)]
+        tests = [r["test_accuracy"] for r in seeds]
+        return None if mean_std(tests)[0] is None else f"{mean_pm(tests)} ({_setting_label(setting)}, n={len(seeds)})"
+
+    lines = markdown.grid("split", splits, algorithms, cell)
     lines += _against_fedavg(chosen, splits, algorithms)
     lines += _round_costs(algorithms)
     for measure in EQUAL_COST:
@@ -195,7 +194,7 @@ def _paired_differences(base: dict, mine: dict) -> list:
             if mine[k] is not None and base[k] is not None]
 
 
-# What a round costs a participating client, per algorithm (hvd_gradalign.federated.ROUND_COST):
+# What a round costs a participating client, per algorithm (each strategy's cost):
 # synchronisations (round trips with the server), and the vectors of the model's size it
 # sends up and receives down.
 EQUAL_COST = {

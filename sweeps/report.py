@@ -30,11 +30,11 @@ import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
-from sweeps import archive
+from hvd_gradalign_base.files import write_csv_atomic, write_text_atomic
+from sweeps import archive, markdown
 from sweeps.selection import AT, best_setting, mean_pm, mean_std, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json, run_dirs
-from train.config import budget, is_federated
+from train.config import budget, is_federated, typed
 
 COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size", "workers",
            "micro_batches", "micro_batch_size", "lr", "lr_scaling", "warmup_epochs", "beta", "seed",
@@ -47,27 +47,26 @@ SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta", "epochs")
 
 def _micro(config, workers):
     """(micro-batches per worker, samples per micro-batch) that the point ran."""
-    o, local = config["optim"], config["train"]["batch_size"] // max(workers or 1, 1)
-    size = o.get("micro_batch_size") or 0
-    if size:
-        return local // size, size
-    return o["micro_batches"], local // o["micro_batches"]
+    c = typed(config)
+    o, local = c.optim, c.train.batch_size // max(workers or 1, 1)
+    if o.micro_batch_size:
+        return local // o.micro_batch_size, o.micro_batch_size
+    return o.micro_batches, local // o.micro_batches
 
 
-def method(optim: dict) -> str:
-    """The method a run's [optim] describes, as results tables name it: optim.optimizer,
-    with SAM's forms told apart (sam = per micro-batch, sam_global; an "a" for adaptive)."""
-    name = optim["optimizer"]
-    if name != "sam":
-        return name
-    return ("asam" if optim.get("sam_adaptive") else "sam") + (
-        "_global" if optim.get("sam_scope", "micro_batch") == "global" else "")
+def method(optim) -> str:
+    """The method a run's [optim] section describes, as results tables name it:
+    optim.optimizer, with SAM's forms told apart (sam = per micro-batch, sam_global; an "a"
+    for adaptive)."""
+    if optim.optimizer != "sam":
+        return optim.optimizer
+    return ("asam" if optim.sam_adaptive else "sam") + ("_global" if optim.sam_scope == "global" else "")
 
 
-def strength(optim: dict) -> float:
+def strength(optim) -> float:
     """The two-pass displacement's strength (the results' "beta" column): GradAlign's and the
     penalty's β, SAM's ρ."""
-    return optim.get("rho", 0.05) if optim["optimizer"] == "sam" else optim["beta"]
+    return optim.rho if optim.optimizer == "sam" else optim.beta
 
 
 STRENGTH_SYMBOL = {"gradalign": "β", "grad_penalty": "β"}  # any SAM form: ρ
@@ -75,12 +74,13 @@ STRENGTH_SYMBOL = {"gradalign": "β", "grad_penalty": "β"}  # any SAM form: ρ
 
 def _config_fields(config) -> dict:
     """The columns a run's config decides."""
-    o, t, d = config["optim"], config["train"], config["data"]
-    return {"dataset": d["dataset"], "model": config["model"]["model"], "optimizer": method(o),
-            "inner": o["inner"], "batch_size": t["batch_size"], "lr": o["lr"], "lr_scaling": o["lr_scaling"],
-            "warmup_epochs": o["warmup_epochs"], "beta": strength(o), "seed": t["seed"], "epochs": t["epochs"],
-            "train_samples": d.get("train_samples", 0), "subset_seed": d.get("subset_seed", -1),
-            "warmup_from": o.get("warmup_from", "lr") if o["warmup_epochs"] else ""}
+    c = typed(config)
+    o, t, d = c.optim, c.train, c.data
+    return {"dataset": d.dataset, "model": c.model.model, "optimizer": method(o),
+            "inner": o.inner, "batch_size": t.batch_size, "lr": o.lr, "lr_scaling": o.lr_scaling,
+            "warmup_epochs": o.warmup_epochs, "beta": strength(o), "seed": t.seed, "epochs": t.epochs,
+            "train_samples": d.train_samples, "subset_seed": d.subset_seed,
+            "warmup_from": o.warmup_from if o.warmup_epochs else ""}
 
 
 def pending_row(point_id, config, workers) -> dict:
@@ -229,24 +229,20 @@ def markdown_table(rows, chosen, at="final") -> str:
     batches = sorted({b for b, _ in chosen})
     optimizers = sorted({o for _, o in chosen})
     criteria = sorted({c for _, _, c in chosen.values()})
-    lines = ["| global batch | " + " | ".join(optimizers) + " |",
-             "|---:|" + "---|" * len(optimizers)]
-    for b in batches:
-        cells = []
-        for o in optimizers:
-            if (b, o) not in chosen:
-                cells.append("–")
-                continue
-            setting, seeds, _ = chosen[(b, o)]
-            gap_m, _ = mean_std([_gap(r) for r in seeds])
-            train_m, _ = mean_std([r["train_accuracy"] for r in seeds if _gap(r) is not None])
-            s = dict(zip(SETTING_KEYS, setting))
-            beta = "" if o == "sgd" else f", {STRENGTH_SYMBOL.get(o, 'ρ')}={s['beta']:g}"
-            gap = f"train {100 * train_m:.2f}, gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
-            cells.append(f"{mean_pm([r['test_accuracy'] for r in seeds])} ({gap}"
-                         f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, {s['epochs']:g} epochs, "
-                         f"n={len(seeds)})")
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+
+    def cell(b, o):
+        if (b, o) not in chosen:
+            return None
+        setting, seeds, _ = chosen[(b, o)]
+        gap_m, _ = mean_std([_gap(r) for r in seeds])
+        train_m, _ = mean_std([r["train_accuracy"] for r in seeds if _gap(r) is not None])
+        s = dict(zip(SETTING_KEYS, setting))
+        beta = "" if o == "sgd" else f", {STRENGTH_SYMBOL.get(o, 'ρ')}={s['beta']:g}"
+        gap = f"train {100 * train_m:.2f}, gap {100 * gap_m:+.2f}; " if gap_m is not None else ""
+        return (f"{mean_pm([r['test_accuracy'] for r in seeds])} ({gap}"
+                f"lr={s['lr']:g}{beta}, warmup {s['warmup_epochs']:g}, {s['epochs']:g} epochs, n={len(seeds)})")
+
+    lines = markdown.grid("global batch", batches, optimizers, cell, right={0})
     failed = [r for r in rows if r["status"] != "done"]
     notes = [
         "",

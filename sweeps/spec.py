@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.config import (DEFAULTS, SECTION_OF, ConfigError, check_batch_split, check_data_fits, merge,
-                          read_toml, run_identity, uses_beta, validate)
+                          read_toml, run_identity, typed, uses_beta, validate)
+from hvd_gradalign_base.settings import EMBEDDED_DATASET, EMBEDDED_TRAIN_SAMPLES
+from train.launch import quiet_tensorflow_start
 
 REPO = Path(__file__).resolve().parents[1]
 RESOURCE_DEFAULTS = {"cpus_per_task": 1, "gpus_per_task": 0, "time": "01:00:00",
@@ -56,7 +58,7 @@ class Point:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.config["train"]["run_dir"])
+        return Path(typed(self.config).train.run_dir)
 
 
 @dataclass
@@ -96,19 +98,24 @@ def available_train_samples(config: dict) -> int:
     """The training split's size less validation, from the dataset's metadata (looked up
     once per dataset); 0 when train_samples is set or the dataset cannot be read here (the
     run then says why)."""
-    d = config["data"]
-    if d["train_samples"]:
+    d = typed(config).data
+    if d.train_samples:
         return 0
-    key = (d["dataset"], d["data_dir"])
+    key = (d.dataset, d.data_dir)
+    if d.dataset == EMBEDDED_DATASET:
+        _SPLIT_SIZES[key] = EMBEDDED_TRAIN_SAMPLES
     if key not in _SPLIT_SIZES:
+        # The one place the bookkeeping needs TensorFlow (tensorflow-datasets' metadata);
+        # every other sweeps command starts without it.
+        quiet_tensorflow_start()
         from hvd_gradalign.data import dataset_info, get_builder
 
         try:
-            _SPLIT_SIZES[key] = dataset_info(get_builder(d["dataset"], d["data_dir"] or None)).num_train
+            _SPLIT_SIZES[key] = dataset_info(get_builder(d.dataset, d.data_dir or None)).num_train
         except (ValueError, FileNotFoundError):
             _SPLIT_SIZES[key] = None
     total = _SPLIT_SIZES[key]
-    return 0 if total is None else total - d["validation_samples"]
+    return 0 if total is None else total - d.validation_samples
 
 
 def point_id(config: dict, workers: int) -> str:
@@ -134,7 +141,7 @@ def load(path, runs_root=None) -> Sweep:
         if pid in seen:
             continue
         seen.add(pid)
-        config["train"]["run_dir"] = str(runs_dir / pid)
+        merge(config, {"train": {"run_dir": str(runs_dir / pid)}}, str(path))
         sweep.points.append(Point(pid, config, workers, params))
     return sweep
 
@@ -201,13 +208,13 @@ def _point_config(base, params, spec, path):
     """A point's training config, and its params with β resolved."""
     config = copy.deepcopy(base)
     merge(config, _sectioned({k: v for k, v in params.items() if k != "beta"}, "grid", path), str(path))
-    beta = params.get("beta", spec.get("fixed", {}).get("beta", config["optim"]["beta"]))
-    beta = _beta(beta, config["optim"]["lr"], str(path))
+    optim = typed(config).optim
+    beta = params.get("beta", spec.get("fixed", {}).get("beta", optim.beta))
+    beta = _beta(beta, optim.lr, str(path))
     if not uses_beta(config):
         beta = 0.0  # no β for the baselines: their β variants are one point
     params = {**params, "beta": beta}
-    merge(config, {"optim": {"beta": float(beta)}}, str(path))
-    config["train"]["verbose"] = 2
+    merge(config, {"optim": {"beta": float(beta)}, "train": {"verbose": 2}}, str(path))
     return config, params
 
 

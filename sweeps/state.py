@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from hvd_gradalign.checkpoint import write_text_atomic
+from hvd_gradalign_base.files import write_text_atomic
 
 DONE, FAILED, RUNNING, INTERRUPTED, PENDING = "done", "failed", "running", "interrupted", "pending"
 

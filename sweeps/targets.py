@@ -19,15 +19,15 @@ as not reached, never as its budget.
 from __future__ import annotations
 
 import csv
-import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from hvd_gradalign.checkpoint import write_csv_atomic, write_text_atomic
+from hvd_gradalign_base.files import write_csv_atomic, write_text_atomic
 from sweeps.report import SETTING_KEYS, collect, passes, select
 from sweeps.selection import mean_std
 from sweeps.state import read_json
+from train.config import typed
 
 COLUMNS = ["id", "subset_seed", "batch_size", "optimizer", "lr", "beta", "epochs", "seed", "target",
            "reached", "epoch_to_target", "updates_to_target", "grad_evals_to_target", "eval_every_updates",
@@ -58,7 +58,8 @@ def targets_from(results_csv) -> dict:
 def steps_per_epoch(config) -> int:
     """Updates per epoch: the training samples a run reads over its global batch, the
     remainder dropped (hvd_gradalign.data)."""
-    return config["data"]["train_samples"] // config["train"]["batch_size"]
+    c = typed(config)
+    return c.data.train_samples // c.train.batch_size
 
 
 def to_target(history, target, per_epoch):

@@ -160,6 +160,9 @@ def test_sampling_is_the_same_everywhere_and_without_replacement():
      "beta must be a finite number >= 0"),
     (lambda y: federated.FederatedConfig(algorithm="fedga", beta=-1.0).check(5),
      "beta must be a finite number >= 0"),
+    # the learning-rate and weight-decay rules are the training config's (one function each)
+    (lambda y: federated.FederatedConfig(local_lr=float("inf")).check(5), "local_lr must be a finite number"),
+    (lambda y: federated.FederatedConfig(weight_decay=-0.1).check(5), r"weight_decay must be >= 0, got -0\.1"),
 ])
 def test_bad_inputs_are_clear_errors(call, match):
     y = np.repeat(np.arange(4), 25)

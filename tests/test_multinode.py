@@ -95,12 +95,10 @@ def test_sweep_points_span_two_nodes_and_a_preempted_point_resumes(cluster, tmp_
     """Each point runs on 2 nodes ([resources] nodes = 2); USR1 (SLURM's warning before
     the time limit) checkpoints one point, its array task requeues itself, and it
     resumes, on whichever nodes the scheduler gives it."""
-    import time
-
     from sweeps import slurm as slurm_launcher
     from sweeps import spec as sweep_spec
     from sweeps import state
-    from tests.test_sweeps import sweeps_cli, write_spec
+    from tests.test_sweeps import submit_until_training, write_spec
 
     path = write_spec(tmp_path, name="twonode", batches="[64]", optimizers='["sgd"]')
     path.write_text(path.read_text().replace("epochs = 1", "epochs = 5")
@@ -108,13 +106,7 @@ def test_sweep_points_span_two_nodes_and_a_preempted_point_resumes(cluster, tmp_
     runs = tmp_path / "runs"
     (point,) = sweep_spec.load(path, runs).points
     env = subprocess_env(cluster.env(), HVD_GRADALIGN_RENDEZVOUS_DIR=cluster.dir / "rendezvous")
-    submitted = sweeps_cli("run", path, "--launcher", "slurm", "--runs-root", runs, env=env)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.split("submitted job array ")[1].split()[0]
-    deadline = time.time() + 300
-    while not (point.run_dir / "metrics.json").exists():
-        assert time.time() < deadline, cluster.log_tail()
-        time.sleep(0.5)
+    job = submit_until_training(path, runs, point, cluster, env=env)
     nodes = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], env=env, capture_output=True, text=True)
     assert nodes.stdout.strip() in ("hgnode[1-2]", "hgnode1,hgnode2"), nodes.stdout
     signalled = subprocess.run(["scancel", "--signal=USR1", f"{job}_0"], env=env, capture_output=True, text=True)

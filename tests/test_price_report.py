@@ -7,6 +7,7 @@ import json
 import pytest
 
 from sweeps.report import method, report
+from train.config import typed
 
 
 def run_folder(d, *, optimizer="sgd", beta=0.0, epochs=300, batch=2048, vals=(0.8,), test=0.8, seed=0,
@@ -26,10 +27,13 @@ def run_folder(d, *, optimizer="sgd", beta=0.0, epochs=300, batch=2048, vals=(0.
 
 
 def test_methods_are_named_apart_and_carry_their_strength(tmp_path):
-    assert method({"optimizer": "sam"}) == "sam"
-    assert method({"optimizer": "sam", "sam_scope": "global"}) == "sam_global"
-    assert method({"optimizer": "sam", "sam_adaptive": True}) == "asam"
-    assert method({"optimizer": "grad_penalty", "sam_scope": "global"}) == "grad_penalty"
+    def optim(**keys):
+        return typed({"optim": keys}).optim
+
+    assert method(optim(optimizer="sam")) == "sam"
+    assert method(optim(optimizer="sam", sam_scope="global")) == "sam_global"
+    assert method(optim(optimizer="sam", sam_adaptive=True)) == "asam"
+    assert method(optim(optimizer="grad_penalty", sam_scope="global")) == "grad_penalty"
     runs = tmp_path / "runs"
     run_folder(runs / "a", optimizer="sam", beta=0.0, extra_optim={"rho": 0.2}, test=0.81)
     run_folder(runs / "b", optimizer="sam", extra_optim={"rho": 0.1, "sam_scope": "global"}, test=0.82)

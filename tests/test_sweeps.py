@@ -16,7 +16,6 @@ from tests.conftest import REPO
 from train.config import ConfigError
 from train.launch import subprocess_env
 from tests.slurm_cluster import LocalSlurm, cluster_fixture
-from train.config import ConfigError
 
 TINY = """
 [sweep]
@@ -52,6 +51,22 @@ def write_spec(tmp_path, name="tiny", batches="[128, 256]", optimizers='["sgd", 
 def sweeps_cli(*args, env=None, timeout=900):
     return subprocess.run([sys.executable, "-m", "sweeps", *map(str, args)], cwd=REPO, env=subprocess_env(env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def submit_until_training(spec, runs, point, cluster, env=None) -> str:
+    """Submit ``spec`` as a SLURM job array on ``cluster`` and wait until ``point`` has
+    logged an epoch; returns the job id."""
+    import time
+
+    env = env or cluster.env()
+    submitted = sweeps_cli("run", spec, "--launcher", "slurm", "--runs-root", runs, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.split("submitted job array ")[1].split()[0]
+    deadline = time.time() + 300
+    while not (point.run_dir / "metrics.json").exists():
+        assert time.time() < deadline, cluster.log_tail()
+        time.sleep(0.5)
+    return job
 
 
 def test_spec_points_rules_and_stable_ids(tmp_path):
@@ -732,20 +747,12 @@ def test_slurm_federated_sweep_on_two_workers_equals_one_worker_locally(tmp_path
 def test_slurm_preemption_signal_checkpoints_requeues_and_resumes(tmp_path, slurm):
     """USR1 (what --signal sends before the time limit) stops the point with a
     checkpoint; the array task requeues itself and the training resumes."""
-    import time
-
     path = write_spec(tmp_path, name="preempt", batches="[64]", optimizers='["sgd"]')
     path.write_text(path.read_text().replace("epochs = 1", "epochs = 6"))
     runs = tmp_path / "runs"
     sweep = sweep_spec.load(path, runs)
     (point,) = sweep.points
-    submitted = sweeps_cli("run", path, "--launcher", "slurm", "--runs-root", runs, env=slurm.env())
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.split("submitted job array ")[1].split()[0]
-    deadline = time.time() + 300
-    while not (point.run_dir / "metrics.json").exists():
-        assert time.time() < deadline, slurm.log_tail()
-        time.sleep(0.5)
+    job = submit_until_training(path, runs, point, slurm)
     signalled = subprocess.run(["scancel", "--signal=USR1", f"{job}_0"], env=slurm.env(),
                                capture_output=True, text=True)
     assert signalled.returncode == 0, signalled.stderr

@@ -37,6 +37,9 @@ def test_defaults_and_overrides(tmp_path):
     ('[optim]\noptimizer = "adam"\n', r"optim\.optimizer = 'adam'; choose one of"),
     ('[optim]\nbeta = -0.1\n', r"optim\.beta must be a finite number >= 0"),
     ('[optim]\ndecay = "step"\n', r"needs optim\.decay_epochs"),
+    ('[optim]\nmicro_batches = 0\n', r"optim\.micro_batches must be an integer >= 1, got 0"),
+    ('[optim]\nlr = 0.0\n', r"optim\.lr must be > 0, got 0\.0"),
+    ('[optim]\nweight_decay = -0.1\n', r"optim\.weight_decay must be >= 0, got -0\.1"),
     ('[train\n', r"c\.toml"),
     ('[federated]\nalgorithm = "fedavg"\nserver_optimizer = "yogi"\n',
      r"federated\.server_optimizer = 'yogi'; choose one of \('sgd', 'adam'\)"),
@@ -211,6 +214,12 @@ def test_unknown_and_unprepared_datasets(tmp_path):
         data.get_builder("cifar10", None)
 
 
+def test_the_embedded_train_split_has_the_size_sweeps_check_against():
+    from hvd_gradalign import data
+
+    assert data.dataset_info(data.get_builder(data.EMBEDDED_DATASET)).num_train == data.EMBEDDED_TRAIN_SAMPLES
+
+
 def test_missing_embedded_files_say_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
@@ -274,6 +283,22 @@ def test_a_warmup_shorter_than_one_update_is_refused(hvd):
 
     with pytest.raises(ConfigError, match=r"warmup_epochs = 0.25 is 0 updates at 1 steps per epoch"):
         build_optimizer(load(["--warmup-epochs", "0.25"]), 1, 1)
+
+
+def test_a_sweep_refuses_a_warmup_shorter_than_one_update_before_launch(tmp_path):
+    """The same rule, where the data's size is known before launch: 1,024 samples at
+    batch 512 are 2 updates an epoch, so 0.25 epochs of warmup would be none."""
+    from sweeps import spec as sweep_spec
+
+    spec = tmp_path / "w.toml"
+    spec.write_text('[sweep]\nname = "w"\nbase_config = "train/configs/fashion_mnist.toml"\n[fixed]\n'
+                    'train_samples = 1024\nbatch_size = 512\noptimizer = "sgd"\n[[grid]]\n'
+                    'warmup_epochs = [0.25, 0.5]\n')
+    with pytest.raises(ConfigError, match=r"warmup_epochs = 0.25 is 0 updates at 2 steps per epoch"):
+        sweep_spec.load(spec, tmp_path / "runs")
+    spec.write_text(spec.read_text().replace("[0.25, 0.5]", "[0.5]"))
+    (point,) = sweep_spec.load(spec, tmp_path / "runs").points
+    assert point.config["optim"]["warmup_epochs"] == 0.5
 
 
 def test_runs_without_warmup_keep_their_names_and_warmup_runs_are_renamed():
@@ -444,3 +469,18 @@ def test_keys_of_another_optimizer_are_refused():
     with pytest.raises(ConfigError, match=r"optim.sam_scope = 'batch'; choose one of"):
         load(["--optimizer", "sam", "--set", "optim.sam_scope=batch"])
     assert load(["--optimizer", "sam", "--set", "optim.rho=0.2"])["optim"]["rho"] == 0.2
+
+
+def test_only_the_config_module_reads_the_tables_by_key():
+    """Everything else reads typed(config).section.key, so a renamed key is an attribute
+    error where it is read, not a KeyError in a run hours later."""
+    import re
+
+    from tests.conftest import REPO
+
+    lookup = re.compile(r"""\[["'](data|model|optim|train|federated)["']\]""")
+    found = [f"{p.relative_to(REPO)}:{i}" for folder in ("train", "sweeps", "benchmarks", "hvd_gradalign")
+             for p in sorted((REPO / folder).rglob("*.py")) if p.name not in ("config.py", "schema.py")
+             or p.parent.name != "train"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if lookup.search(line)]
+    assert found == []

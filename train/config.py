@@ -15,10 +15,10 @@ import json
 import tomllib
 from pathlib import Path
 
-from hvd_gradalign.federated import ALGORITHMS, GRADIENTS_AT_X, FederatedConfig, FederatedConfigError
-from hvd_gradalign.schedules import scaled_learning_rate, warmup_start
+from hvd_gradalign_base.federated_settings import ALGORITHMS, GRADIENTS_AT_X, FederatedConfig, FederatedConfigError
+from hvd_gradalign_base.settings import scaled_learning_rate, warmup_start
 
-from .schema import NOT_FEDERATED, SECTIONS, ConfigError
+from .schema import NOT_FEDERATED, SECTIONS, ConfigError, RunConfig
 
 # The schema's defaults as plain tables: what a run's config.toml, run identities and
 # sweep points are made of.
@@ -111,6 +111,24 @@ def run_identity(config: dict, ignore=()) -> dict:
     return {s: {k: v for k, v in keys.items()
                 if (s, k) not in skip and ADDED_LATER.get((s, k), object()) != v}
             for s, keys in config.items() if s != "federated" or federated}
+
+
+def typed(config) -> RunConfig:
+    """A config's typed form (a RunConfig passes through as it is): the training code and
+    the reports read values from this, never from the tables by string. A run's recorded
+    config.json may predate keys: those take the value that computes what it did
+    (ADDED_LATER), or their default."""
+    if isinstance(config, RunConfig):
+        return config
+    return RunConfig.from_tables({
+        section: {key: config.get(section, {}).get(key, ADDED_LATER.get((section, key), default))
+                  for key, default in defaults.items()}
+        for section, defaults in DEFAULTS.items()})
+
+
+def with_value(config: dict, section: str, key: str, value) -> dict:
+    """A copy of ``config`` with one key changed (checked as ``merge`` checks it)."""
+    return merge(copy.deepcopy(config), {section: {key: value}}, "with_value")
 
 
 def read_toml(path, what="TOML file") -> dict:
@@ -314,7 +332,8 @@ def check_batch_split(config: dict, workers: int) -> None:
 
 def check_data_fits(config: dict, workers: int, available: int) -> None:
     """Every worker must hold at least one local batch of the training samples the
-    config leaves it (``available``: the split less validation; 0 if unknown)."""
+    config leaves it (``available``: the split less validation; 0 if unknown), and a
+    warmup must come to at least one update."""
     if is_federated(config):
         return
     n = config["data"]["train_samples"] or available
@@ -324,6 +343,19 @@ def check_data_fits(config: dict, workers: int, available: int) -> None:
             f"{n} training samples give each of {workers_phrase(workers)} {n // workers}, fewer than one local "
             f"batch of {batch // workers} (global batch {batch}); lower train.batch_size to at most "
             f"{n - n % workers} or use more samples")
+    if n:
+        warmup_updates(config, (n // workers) // (batch // workers))  # as hvd_gradalign.data counts steps
+
+
+def warmup_updates(config: dict, steps_per_epoch: int) -> int:
+    """optim.warmup_epochs in updates; a warmup of some epochs that comes to no update is
+    refused (before launch when the data's size is known, else when the run starts)."""
+    epochs = config["optim"]["warmup_epochs"]
+    steps = round(epochs * steps_per_epoch)
+    if epochs > 0 and steps == 0:
+        raise ConfigError(f"optim.warmup_epochs = {epochs:g} is 0 updates at {steps_per_epoch} steps per "
+                          f"epoch, so there would be no warmup; use at least {1 / steps_per_epoch:g} epochs or 0")
+    return steps
 
 
 def build_parser() -> argparse.ArgumentParser:

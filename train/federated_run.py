@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hvd_gradalign import checkpoint
+from train.config import typed
 from train.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 
 
@@ -25,19 +26,19 @@ from train.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 def _split(config, labels, seed):
     from hvd_gradalign import federated
 
-    f = config["federated"]
-    if f["split"] == "iid":
-        return federated.split_iid(labels, f["clients"], seed)
-    if f["split"] == "shards":
-        return federated.split_label_shards(labels, f["clients"], seed, f["iid_fraction"],
-                                            f["shards_per_client"])
-    return federated.split_dirichlet(labels, f["clients"], seed, f["alpha"])
+    f = typed(config).federated
+    if f.split == "iid":
+        return federated.split_iid(labels, f.clients, seed)
+    if f.split == "shards":
+        return federated.split_label_shards(labels, f.clients, seed, f.iid_fraction,
+                                            f.shards_per_client)
+    return federated.split_dirichlet(labels, f.clients, seed, f.alpha)
 
 
 def _save(run_dir: Path, state, rank: int, history: list, wall: float) -> None:
     """Every worker writes its own state file into the same new checkpoint folder;
     rank 0 names it in LATEST after a barrier, so LATEST only ever names a complete one."""
-    from hvd_gradalign import distributed, federated
+    from hvd_gradalign import distributed
 
     root = run_dir / "checkpoints"
     name = f"round-{state.round:06d}"
@@ -83,20 +84,21 @@ def _build_trainer(config):
     from hvd_gradalign.models import build_model
     from train.config import federated_config
 
-    t, d, m = config["train"], config["data"], config["model"]
+    c = typed(config)
+    t, d, m = c.train, c.data, c.model
     info, (x, y), validation, test = load_arrays(
-        d["dataset"], d["data_dir"] or None, validation_samples=d["validation_samples"],
-        train_samples=d["train_samples"], test_samples=d["test_samples"], subset_seed=d["subset_seed"])
-    clients = _split(config, y, t["seed"])
-    keras.utils.set_random_seed(t["seed"])
-    model = build_model(m["model"], info.input_shape, info.num_classes,
-                        norm=None if m["norm"] == "default" else m["norm"])
+        d.dataset, d.data_dir or None, validation_samples=d.validation_samples,
+        train_samples=d.train_samples, test_samples=d.test_samples, subset_seed=d.subset_seed)
+    clients = _split(config, y, t.seed)
+    keras.utils.set_random_seed(t.seed)
+    model = build_model(m.model, info.input_shape, info.num_classes,
+                        norm=None if m.norm == "default" else m.norm)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=False)
     trainer = federated.FederatedTrainer(model, model.loss, x, y, clients, federated_config(config))
     # every worker evaluates the same global model: rank 0's numbers are everyone's
     evaluated = {"test": test, "val": validation,
-                 "train": (x[:10000], y[:10000]) if t["eval_train"] else None}
+                 "train": (x[:10000], y[:10000]) if t.eval_train else None}
     return info, trainer, evaluated
 
 
@@ -115,12 +117,13 @@ def run_federated(config, run_dir: Path, log) -> int:
     from train.config import workers_phrase
     from train.recorder import exit_before_first_step, write_metrics, write_summary
 
-    f, t = config["federated"], config["train"]
+    c = typed(config)
+    f, t = c.federated, c.train
     rank, workers = hga.rank(), hga.size()
-    summary_extra = lambda state: {"algorithm": f["algorithm"], "rounds_done": state.round}  # noqa: E731
+    summary_extra = lambda state: {"algorithm": f.algorithm, "rounds_done": state.round}  # noqa: E731
     info, trainer, evaluated = _build_trainer(config)
 
-    resumed = _load(run_dir, rank, workers, warn=log) if t["resume"] else None
+    resumed = _load(run_dir, rank, workers, warn=log) if t.resume else None
     if resumed is not None:
         state, meta = resumed
         history, wall_before = meta["history"], meta["wall_time"]
@@ -132,37 +135,37 @@ def run_federated(config, run_dir: Path, log) -> int:
     stop = hga.StopSignals(before_first_step=lambda name: exit_before_first_step(
         name, run_dir, workers, history, f"round {state.round}", **summary_extra(state)))
     sizes = [len(c) for c in trainer.clients]
-    log(f"{info.name}: {len(trainer.y)} train samples in {len(sizes)} clients ({f['split']}, "
-        f"{min(sizes)}-{max(sizes)} samples each), {f['clients_per_round']} per round, "
-        f"{f['algorithm']}, {workers_phrase(workers)}, run dir {run_dir}")
+    log(f"{info.name}: {len(trainer.y)} train samples in {len(sizes)} clients ({f.split}, "
+        f"{min(sizes)}-{max(sizes)} samples each), {f.clients_per_round} per round, "
+        f"{f.algorithm}, {workers_phrase(workers)}, run dir {run_dir}")
 
     started = time.perf_counter()
-    cost = federated.ROUND_COST[f["algorithm"]]
+    cost = federated.ROUND_COST[f.algorithm]
     model_bytes = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in trainer.variables)
     interrupted = False
-    while state.round < f["rounds"]:
+    while state.round < f.rounds:
         t0 = time.perf_counter()
         upcoming = state.round + 1
         state, metrics = trainer.run_round(state, log_variance=(
-            upcoming % f["variance_every"] == 0 or upcoming == f["rounds"]))
+            upcoming % f.variance_every == 0 or upcoming == f.rounds))
         # per participating client, so far: synchronisations and bytes up and down
         row = {"round": state.round, "communications": state.round * cost.syncs,
                "bytes_up": state.round * cost.up * model_bytes, "bytes_down": state.round * cost.down * model_bytes,
                **metrics,
                "round_time": time.perf_counter() - t0}
-        if state.round % f["eval_rounds"] == 0 or state.round == f["rounds"]:
+        if state.round % f.eval_rounds == 0 or state.round == f.rounds:
             row.update(_evaluate(trainer.model, evaluated))
         row["wall_time"] = wall_before + time.perf_counter() - started
         history.append(row)
         if rank == 0:
             write_metrics(run_dir, history)
-            if t["verbose"]:
+            if t.verbose:
                 log("round {round}: ".format(**row) + ", ".join(
                     f"{k} {v:.4g}" for k, v in row.items() if k not in ("round",)))
         stop.step_done()
         interrupted = stop.anywhere()
-        every = t["checkpoint_every"]
-        if interrupted or state.round == f["rounds"] or (every and state.round % every == 0):
+        every = t.checkpoint_every
+        if interrupted or state.round == f.rounds or (every and state.round % every == 0):
             _save(run_dir, state, rank, history, row["wall_time"])
         if interrupted:
             break

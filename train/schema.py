@@ -15,10 +15,10 @@ import math
 import typing
 from dataclasses import dataclass
 
-from hvd_gradalign.federated import ALGORITHMS, SERVER_OPTIMIZERS, SPLITS, FederatedConfigError, check_split
-from hvd_gradalign.models import MODELS, NORMS
-from hvd_gradalign.optimizers import INNER_OPTIMIZERS, SAM_SCOPES, check_alignment_strength
-from hvd_gradalign.schedules import DECAYS, SCALING_RULES, WARMUP_STARTS
+from hvd_gradalign_base.federated_settings import ALGORITHMS, SERVER_OPTIMIZERS, SPLITS, FederatedConfigError, check_split
+from hvd_gradalign_base.settings import (DECAYS, INNER_OPTIMIZERS, MODEL_NAMES, NORMS, SAM_SCOPES, SCALING_RULES,
+                                         WARMUP_STARTS, check_alignment_strength, check_learning_rate,
+                                         check_micro_batches, check_weight_decay)
 
 
 class ConfigError(ValueError):
@@ -96,7 +96,7 @@ class DataSection(Section):
 @dataclass
 class ModelSection(Section):
     name: typing.ClassVar[str] = "model"
-    model: str = key("mlp", "the architecture", tuple(sorted(MODELS)))
+    model: str = key("mlp", "the architecture", tuple(sorted(MODEL_NAMES)))
     norm: str = key("default", "batch | group | none | default (the model's own)", ("default",) + NORMS)
 
 
@@ -130,7 +130,13 @@ class OptimSection(Section):
 
     def check(self):
         super().check()
-        self._at_least(0, ("lr", "reference_batch", "micro_batches"), strict=True)
+        self._at_least(0, ("reference_batch",), strict=True)
+        try:
+            check_learning_rate("lr", self.lr)
+            check_micro_batches(self.micro_batches)
+            check_weight_decay("weight_decay", self.weight_decay)
+        except ValueError as err:
+            raise ConfigError(f"optim.{err}") from None
         for n in ("lr", "warmup_epochs", "weight_decay", "clipnorm", "decay_factor", "momentum"):
             if not math.isfinite(getattr(self, n)):
                 raise ConfigError(f"optim.{n} must be a finite number, got {getattr(self, n)}")
@@ -139,7 +145,7 @@ class OptimSection(Section):
                 check_alignment_strength(n, getattr(self, n))
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"optim.{err}") from None
-        self._at_least(0, ("warmup_epochs", "weight_decay", "clipnorm", "decay_factor"))
+        self._at_least(0, ("warmup_epochs", "clipnorm", "decay_factor"))
         self._at_least(0, ("micro_batch_size",), why=" (0 = use optim.micro_batches)")
         if self.decay == "step" and not self.decay_epochs:
             raise ConfigError("optim.decay = 'step' needs optim.decay_epochs, e.g. [30, 60]")
@@ -204,3 +210,23 @@ class TrainSection(Section):
 
 SECTIONS: dict[str, type[Section]] = {
     s.name: s for s in (DataSection, ModelSection, OptimSection, FederatedSection, TrainSection)}
+
+
+@dataclass
+class RunConfig:
+    """A loaded run configuration as typed sections, what the training code reads
+    (``config.optim.lr``); the plain tables (``tables()``) are what config.json, run
+    identities and sweep points are made of."""
+    data: DataSection
+    model: ModelSection
+    optim: OptimSection
+    federated: FederatedSection
+    train: TrainSection
+
+    @classmethod
+    def from_tables(cls, tables: dict) -> "RunConfig":
+        return cls(**{name: section(**tables[name]) for name, section in SECTIONS.items()})
+
+    def tables(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
