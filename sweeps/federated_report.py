@@ -13,7 +13,7 @@ from pathlib import Path
 from hvd_gradalign_base.files import write_csv_atomic, write_text_atomic
 from sweeps import markdown
 from sweeps.archive import restored_note, restored_result
-from sweeps.selection import TAIL, best_setting, mean_pm, mean_std, pick_epoch, reading
+from sweeps.selection import TAIL, best_setting, mean_pm, mean_std, paired_differences, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json
 from train.config import budget, is_federated, typed
 from hvd_gradalign_base.federated_settings import GRADIENTS_AT_X, ROUND_COST
@@ -181,17 +181,11 @@ def _against_fedavg(chosen, splits, algorithms):
             if (split, "fedavg") not in chosen or (split, a) not in chosen:
                 cells.append("–")
                 continue
-            diffs = _paired_differences(by_seed((split, "fedavg")), by_seed((split, a)))
+            diffs = paired_differences(by_seed((split, "fedavg")), by_seed((split, a)))
             cells.append("–" if not diffs else f"{mean_pm(diffs, scale=1, sign='+')} (n={len(diffs)})")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines.append("Differences: test accuracy points, paired by seed (mean ± std over seeds).")
     return lines
-
-
-def _paired_differences(base: dict, mine: dict) -> list:
-    """``mine`` − ``base`` in points for every seed where both have a test accuracy."""
-    return [100 * (mine[k] - base[k]) for k in sorted(set(base) & set(mine))
-            if mine[k] is not None and base[k] is not None]
 
 
 # What a round costs a participating client, per algorithm (each strategy's cost):
@@ -250,7 +244,7 @@ def _at_equal_cost(chosen, curves, splits, algorithms, at, measure="synchronisat
         for a in algorithms:
             if a == "fedavg":
                 continue
-            cells.append(mean_pm(_paired_differences(tests.get("fedavg", {}), tests.get(a, {})), scale=1, sign="+"))
+            cells.append(mean_pm(paired_differences(tests.get("fedavg", {}), tests.get(a, {})), scale=1, sign="+"))
         lines.append(f"| {split} | {budget} | " + " | ".join(cells) + " |")
     return lines
 
@@ -309,7 +303,7 @@ def _trend(chosen, curves, splits, algorithms, every=100):
         for a in at:
             if a == "fedavg" or "fedavg" not in at:
                 continue
-            diffs = [mean_std(_paired_differences(at["fedavg"][m], at[a][m]))[0] for m in marks]
+            diffs = [mean_std(paired_differences(at["fedavg"][m], at[a][m]))[0] for m in marks]
             lines.append(f"| {a} − fedavg | " + " | ".join("–" if d is None else f"{d:+.1f}" for d in diffs) + " |")
     return lines
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from hvd_gradalign_base.files import write_csv_atomic, write_text_atomic
 from sweeps import archive, markdown
-from sweeps.selection import AT, best_setting, mean_pm, mean_std, pick_epoch, reading
+from sweeps.selection import AT, best_setting, mean_pm, mean_std, paired_differences, pick_epoch, reading
 from sweeps.state import point_state, provenance, read_json, run_dirs
 from train.config import budget, is_federated, typed
 
@@ -284,6 +284,43 @@ def recovery_table(chosen) -> str:
     return "\n".join(lines) + "\n"
 
 
+def against_gradalign(choices) -> str:
+    """Every other method at its chosen setting against GradAlign at its own, batch by batch:
+    GradAlign − method in test points, paired by (subset, seed): a pair shares its data,
+    initial weights and data order, so the seed's luck cancels. ``choices``: one ``select``
+    or ``apply_choice`` result per subset; several subsets pool their pairs.
+
+    Columns: mean ± standard error of the paired differences (std/√n), the number of pairs,
+    how many of them GradAlign is ahead in, and whether the mean is more than 2 standard
+    errors from 0. That verdict needs 3 pairs or more: from 2 the standard error is itself
+    too uncertain to lean on."""
+    def tests(seeds):
+        return {(r["subset_seed"], r["seed"]): r["test_accuracy"] for r in seeds}
+
+    by_key = defaultdict(dict)
+    for chosen in choices:
+        for (b, o), (_, seeds, _) in chosen.items():
+            by_key[(b, o)].update(tests(seeds))
+    lines = []
+    for (b, o), mine in sorted(by_key.items()):
+        if o == "gradalign" or (b, "gradalign") not in by_key:
+            continue
+        diffs = paired_differences(mine, by_key[(b, "gradalign")])
+        if not diffs:
+            continue
+        m, s = mean_std(diffs)
+        n = len(diffs)
+        se = s / math.sqrt(n) if n > 1 else None
+        cell = f"{m:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+        verdict = "–" if n < 3 else ("yes" if abs(m) > 2 * se else "no")
+        ahead = sum(d > 0 for d in diffs)
+        lines.append(f"| {b} | {o} | {cell} | {n} | {ahead} of {n} | {verdict} |")
+    if not lines:
+        return ""
+    return "\n".join(["| global batch | method | GradAlign − method (± SE) | pairs | GradAlign ahead "
+                      "| beyond 2 SE |", "|---:|---|---:|---:|---:|---|", *lines]) + "\n"
+
+
 def _test_stats(runs):
     """(mean, std, n) of the runs' test accuracies, n counting the values mean_std uses."""
     values = [r["test_accuracy"] for r in runs]
@@ -440,17 +477,26 @@ def report(runs_dir, out=None, at="final", header="", pending=(), checkpoints=Fa
     chosen = select([r for r in rows if r["subset_seed"] == subsets[0]])
     table = markdown_table(rows, chosen, at) if chosen else "No finished points yet.\n"
     recovery = recovery_table(chosen) if chosen else ""
+    paired = against_gradalign([chosen]) if chosen else ""
     by_subset = [(subsets[0], chosen)] if chosen else []
     if len(subsets) > 1:
         table = f"### subset_seed {subsets[0]} (every setting chosen here)\n\n" + table
         recovery = f"subset_seed {subsets[0]}:\n\n" + recovery if recovery else ""
+        paired = f"subset_seed {subsets[0]} (where the settings were chosen):\n\n" + paired if paired else ""
         for subset in subsets[1:]:
             applied = apply_choice(rows, chosen, subset)
             table += (f"\n### subset_seed {subset} (the settings chosen on subset_seed {subsets[0]})\n\n"
                       + (markdown_table(rows, applied, at) if applied else "No finished points yet.\n"))
             if applied:
                 recovery += f"\nsubset_seed {subset}:\n\n" + recovery_table(applied)
+                part = against_gradalign([applied])
+                paired += f"\nsubset_seed {subset} (no part in any choice):\n\n" + part if part else ""
                 by_subset.append((subset, applied))
+        pooled = against_gradalign([c for _, c in by_subset]) if len(by_subset) > 1 else ""
+        paired += "\nAll subsets, pairs pooled:\n\n" + pooled if pooled else ""
+    if paired:
+        paired = ("GradAlign against each method at its chosen setting, paired by subset and seed "
+                  "(test accuracy points):\n\n" + paired)
     per = defaultdict(list)
     for r in every_run:
         if r["status"] == "done" and r["wall_time"]:
@@ -467,7 +513,7 @@ def report(runs_dir, out=None, at="final", header="", pending=(), checkpoints=Fa
     cost_note = ("\nEqual cost: every batch is read at one budget of gradient passes per sample "
                  "(epochs × 2 for a two-pass method, × 1 for SGD).\n") if equal_cost else ""
     text = (header + table + cost_note + _other_budgets_note(other_budget, equal_cost) + archive.restored_note(run_dirs(runs_dir))
-            + ("\n" + recovery if recovery else "") + timing)
+            + ("\n" + recovery if recovery else "") + ("\n" + paired if paired else "") + timing)
     write_text_atomic(out / "table.md", text)
     files = plots(rows, by_subset, out) if by_subset else []
     print(text)

@@ -55,6 +55,13 @@ def mean_pm(values, scale=100.0, sign="") -> str:
     return f"{scale * m:{sign}.2f}" + (f" ± {scale * s:.2f}" if len(finite) > 1 else "")
 
 
+def paired_differences(base: dict, mine: dict) -> list:
+    """``mine`` − ``base`` in points for every seed where both have a test accuracy
+    (``{seed: accuracy}`` each, accuracies as fractions)."""
+    return [100 * (mine[k] - base[k]) for k in sorted(set(base) & set(mine))
+            if mine[k] is not None and base[k] is not None]
+
+
 def best_setting(settings, key, better):
     """The setting (a tuple of grid values) whose seeds score best on ``key``, over the
     seeds that all settings share. On an exact tie the smaller setting wins (compared

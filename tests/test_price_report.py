@@ -127,3 +127,50 @@ def test_scaling_model_combines_measured_updates_and_rates_with_the_ring_cost(tm
     held = result["rows"][("gradalign", 128)]
     assert held["held"] and held["updates"] == 100.0
     assert "| 16 | 2048 |" in sm.table(inputs, result)
+
+
+def test_paired_differences_against_gradalign_per_subset_and_pooled(tmp_path):
+    """GradAlign − method, paired by (subset, seed): the numbers worked by hand.
+    Subset 0 (where settings are chosen): GA 0.880/0.870/0.860, SAM 0.870/0.875/0.850
+    -> +1.0, -0.5, +1.0: mean 0.5, std sqrt(0.75), SE 0.5, 2 of 3 ahead, not beyond 2 SE.
+    SGD 0.850/0.845/0.840 -> +3.0, +2.5, +2.0: mean 2.5, SE sqrt(0.25/3) = 0.29, beyond.
+    Subset 1 holds a worse SAM setting (rho 0.4) that subset 0 rejects: only the chosen
+    rho 0.2 is paired there."""
+    runs = tmp_path / "runs"
+    ga = {0: (0.880, 0.870, 0.860), 1: (0.890, 0.880, 0.870)}
+    sam = {0: (0.870, 0.875, 0.850), 1: (0.880, 0.880, 0.860)}
+    sgd = {0: (0.850, 0.845, 0.840), 1: (0.860, 0.860, 0.860)}
+    for subset in (0, 1):
+        for seed in range(3):
+            tag = f"{subset}{seed}"
+            run_folder(runs / f"ga{tag}", optimizer="gradalign", beta=0.8, seed=seed, subset=subset,
+                       test=ga[subset][seed])
+            run_folder(runs / f"sam{tag}", optimizer="sam", extra_optim={"rho": 0.2}, seed=seed,
+                       subset=subset, test=sam[subset][seed])
+            run_folder(runs / f"samhi{tag}", optimizer="sam", extra_optim={"rho": 0.4}, seed=seed,
+                       subset=subset, vals=(0.7,), test=0.1)
+            run_folder(runs / f"sgd{tag}", epochs=600, seed=seed, subset=subset, test=sgd[subset][seed])
+    table = report(runs, out=tmp_path / "out", equal_cost=True)["table"]
+    paired = table[table.index("GradAlign against each method"):]
+    subset0 = paired[:paired.index("subset_seed 1 (no part")]
+    subset1 = paired[paired.index("subset_seed 1 (no part"):paired.index("All subsets")]
+    pooled = paired[paired.index("All subsets"):]
+    assert "| 2048 | sam | +0.50 ± 0.50 | 3 | 2 of 3 | no |" in subset0
+    assert "| 2048 | sgd | +2.50 ± 0.29 | 3 | 3 of 3 | yes |" in subset0
+    # subset 1: SAM +1.0, 0.0, +1.0 (mean 0.67, SE 0.33, not 2 SE); SGD +3, +2, +1 (SE 0.58)
+    assert "| 2048 | sam | +0.67 ± 0.33 | 3 | 2 of 3 | no |" in subset1
+    assert "| 2048 | sgd | +2.00 ± 0.58 | 3 | 3 of 3 | yes |" in subset1
+    # pooled SAM: +1, -0.5, +1, +1, 0, +1: mean 0.583, std 0.665, SE 0.271 -> beyond 2 SE
+    assert "| 2048 | sam | +0.58 ± 0.27 | 6 | 4 of 6 | yes |" in pooled
+    assert "gradalign |" not in paired
+
+
+def test_paired_differences_need_three_pairs_for_a_verdict(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (g, s) in enumerate([(0.88, 0.85), (0.87, 0.86)]):
+        run_folder(runs / f"ga{seed}", optimizer="gradalign", beta=0.1, seed=seed, test=g)
+        run_folder(runs / f"pen{seed}", optimizer="grad_penalty", beta=0.1, seed=seed, test=s)
+    run_folder(runs / "sgd_lone", epochs=300, seed=5, test=0.80)  # no GradAlign run of seed 5
+    table = report(runs, out=tmp_path / "out")["table"]
+    assert "| 2048 | grad_penalty | +2.00 ± 1.00 | 2 | 2 of 2 | – |" in table
+    assert "| 2048 | sgd |" not in table[table.index("GradAlign against"):]
