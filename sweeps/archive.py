@@ -36,7 +36,7 @@ from train.config import budget
 
 RECORDS = "runs"
 RECORD_FILES = ("config.json", "summary.json", "metrics.json", "launcher.json", state.CONTINUED_FROM,
-                state.RESTORED)
+                state.RESTORED, state.SESSIONS)
 CHECKPOINTS = "checkpoints"
 # Checkpoint folders of training runs (hvd_gradalign/checkpoint.py) and federated ones
 # (train/federated_run.py): one layout, two name patterns.

@@ -20,7 +20,7 @@ from hvd_gradalign_base.federated_settings import GRADIENTS_AT_X, ROUND_COST
 
 COLUMNS = ["id", "status", "algorithm", "split", "lr", "beta", "mu", "seed", "rounds", "rounds_done",
            "round", "train_loss", "val_accuracy", "test_accuracy", "grad_variance", "wall_time",
-           "continued_from", "own_wall_time"]
+           "continued_from", "own_wall_time", "onednn"]
 SETTING_KEYS = ("lr", "beta", "mu")
 
 

@@ -41,7 +41,7 @@ COLUMNS = ["id", "status", "dataset", "model", "optimizer", "inner", "batch_size
            "epochs", "epochs_done", "epoch", "train_accuracy", "train_loss", "val_accuracy",
            "test_accuracy", "test_loss", "grad_variance", "grad_variance_ratio", "images_per_sec",
            "wall_time", "train_samples", "subset_seed", "warmup_from", "train_accuracy_from",
-           "continued_from", "own_wall_time"]
+           "continued_from", "own_wall_time", "onednn"]
 SETTING_KEYS = ("lr", "lr_scaling", "warmup_epochs", "beta", "epochs")
 
 

@@ -41,14 +41,23 @@ CONTINUED_FROM = "continued_from.json"
 # A run put back from a report's results table alone (sweeps/archive.py): the row, the table
 # it came from and the reading it was made at.
 RESTORED = "restored.json"
+SESSIONS = "sessions.json"  # written by train/recorder.py: what computed each session
 
 
 def provenance(run_dir, wall_time) -> dict:
-    """``continued_from`` (the run it was copied from, or '') and ``own_wall_time`` (its
-    wall time less what it inherited), for results tables."""
+    """``continued_from`` (the run it was copied from, or ''), ``own_wall_time`` (its
+    wall time less what it inherited) and ``onednn`` (whether TensorFlow's oneDNN CPU
+    kernels computed it: on, off, mixed over its sessions, or '' where its sessions were
+    not all recorded: none was, or the first recorded one resumed it), for results tables."""
     copied = read_json(Path(run_dir) / CONTINUED_FROM) or {}
     own = None if wall_time is None else wall_time - copied.get("wall_time", 0.0)
-    return {"continued_from": copied.get("run", ""), "own_wall_time": own}
+    sessions = read_json(Path(run_dir) / SESSIONS) or []
+    kernels = {s.get("onednn") for s in sessions}
+    if not sessions or sessions[0].get("start") != 0:
+        onednn = ""
+    else:
+        onednn = "mixed" if len(kernels) > 1 else "on" if kernels == {True} else "off"
+    return {"continued_from": copied.get("run", ""), "own_wall_time": own, "onednn": onednn}
 
 
 def move_in(staging, run_dir, last=("summary.json",)) -> None:

@@ -174,3 +174,22 @@ def test_paired_differences_need_three_pairs_for_a_verdict(tmp_path):
     table = report(runs, out=tmp_path / "out")["table"]
     assert "| 2048 | grad_penalty | +2.00 ± 1.00 | 2 | 2 of 2 | – |" in table
     assert "| 2048 | sgd |" not in table[table.index("GradAlign against"):]
+
+
+def test_results_say_which_kernels_computed_each_run_and_the_archive_keeps_it(tmp_path):
+    runs = tmp_path / "runs"
+    # {run: (epoch its first recorded session started at, oneDNN in each session)}
+    sessions = {"on": (0, [True, True]), "mixed": (0, [False, True]), "off": (0, [False]),
+                "unrecorded": None, "first_part_unrecorded": (60, [True])}
+    for seed, (name, recorded) in enumerate(sessions.items()):
+        run_folder(runs / name, seed=seed)
+        if recorded is not None:
+            first, kernels = recorded
+            (runs / name / "sessions.json").write_text(json.dumps(
+                [{"start": first + 100 * i, "tensorflow": "2.x", "onednn": k, "gpus": 0}
+                 for i, k in enumerate(kernels)]))
+    report(runs, out=tmp_path / "out")
+    with open(tmp_path / "out" / "results.csv") as f:
+        got = {r["id"]: r["onednn"] for r in csv.DictReader(f)}
+    assert got == {"on": "on", "mixed": "mixed", "off": "off", "unrecorded": "", "first_part_unrecorded": ""}
+    assert (tmp_path / "out" / "runs" / "mixed" / "sessions.json").exists()

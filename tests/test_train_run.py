@@ -82,6 +82,22 @@ def test_run_writes_its_directory_and_rerun_is_a_noop(tmp_path):
     assert more.returncode == 0 and "resuming" in more.stdout, more.stderr[-3000:]
     assert [row["epoch"] for row in json.loads((run_dir / "metrics.json").read_text())] == [1, 2, 3]
     assert json.loads((run_dir / "summary.json").read_text())["epochs_done"] == 3
+    # Each session says what computed it; python -m train turns TensorFlow's oneDNN
+    # kernels on unless the environment says otherwise (subprocess_env passes ours on).
+    sessions = json.loads((run_dir / "sessions.json").read_text())
+    assert [s["start"] for s in sessions] == [0, 2]
+    if "TF_ENABLE_ONEDNN_OPTS" not in os.environ:
+        assert {s["onednn"] for s in sessions} == {True}
+
+
+def test_the_environment_can_keep_the_eigen_kernels_and_the_run_records_it(tmp_path):
+    env = {**subprocess_env(), "TF_ENABLE_ONEDNN_OPTS": "0"}
+    proc = subprocess.run(train_cmd(tmp_path / "run", "--epochs", "1"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (session,) = json.loads((tmp_path / "run" / "sessions.json").read_text())
+    assert session["onednn"] is False and session["start"] == 0
+    assert session["tensorflow"] == __import__("tensorflow").__version__
 
 
 def test_more_epochs_under_cosine_decay_is_refused_with_the_reason(tmp_path):

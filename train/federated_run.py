@@ -115,7 +115,7 @@ def run_federated(config, run_dir: Path, log) -> int:
     import hvd_gradalign as hga
     from hvd_gradalign import distributed, federated
     from train.config import workers_phrase
-    from train.recorder import exit_before_first_step, write_metrics, write_summary
+    from train.recorder import exit_before_first_step, record_session, write_metrics, write_summary
 
     c = typed(config)
     f, t = c.federated, c.train
@@ -132,6 +132,7 @@ def run_federated(config, run_dir: Path, log) -> int:
         state, history, wall_before = trainer.initial_state(), [], 0.0
     if rank == 0:
         checkpoint.write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1))
+        record_session(run_dir, state.round)
     stop = hga.StopSignals(before_first_step=lambda name: exit_before_first_step(
         name, run_dir, workers, history, f"round {state.round}", **summary_extra(state)))
     sizes = [len(c) for c in trainer.clients]

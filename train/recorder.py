@@ -175,6 +175,27 @@ def write_metrics(run_dir, history: list) -> None:
     checkpoint.write_text_atomic(run_dir / "metrics.json", json.dumps(history, indent=1))
 
 
+def tensorflow_build() -> dict:
+    """What computed this session, beyond the config: TensorFlow's version, whether its
+    oneDNN CPU kernels are on (TF_ENABLE_ONEDNN_OPTS, read at import; they round
+    differently from the Eigen ones), and the GPUs it sees."""
+    import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
+
+    return {"tensorflow": tf.__version__, "onednn": bool(_pywrap_util_port.IsMklEnabled()),
+            "gpus": len(tf.config.list_physical_devices("GPU"))}
+
+
+def record_session(run_dir, start: int) -> None:
+    """Appends this session's ``tensorflow_build`` to the run's sessions.json, with the
+    epoch (federated: round) it started from: a resumed run may have been computed in
+    parts on different machines or kernels. Rank 0 calls it."""
+    path = run_dir / "sessions.json"
+    sessions = json.loads(path.read_text()) if path.exists() else []
+    sessions.append({"start": int(start), **tensorflow_build()})
+    checkpoint.write_text_atomic(path, json.dumps(sessions, indent=1))
+
+
 def write_summary(run_dir, status, workers, history, seconds, **extra) -> None:
     """summary.json: how the session ended (finished, interrupted, diverged), what the
     sweeps read. Rank 0 calls it."""

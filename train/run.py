@@ -124,7 +124,7 @@ def run_distributed(config, run_dir: Path) -> int:
     from hvd_gradalign import checkpoint
     from hvd_gradalign.data import make_pipelines
     from train.config import workers_phrase
-    from train.recorder import exit_before_first_step, write_summary
+    from train.recorder import exit_before_first_step, record_session, write_summary
     from train.resume import fit_remaining, restore
 
     workers, rank = hga.size(), hga.rank()
@@ -143,6 +143,7 @@ def run_distributed(config, run_dir: Path) -> int:
     hga.wrap(start.model)
     if rank == 0:
         checkpoint.write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1))
+        record_session(run_dir, start.epoch)
 
     guard = hga.StepGuard(before_first_step=lambda name: exit_before_first_step(
         name, run_dir, workers, start.history, f"epoch {start.epoch}, step {start.step}",
