@@ -453,6 +453,47 @@ def test_status_estimates_the_remaining_time_from_the_sweeps_own_rates(tmp_path)
         p.id: state.PENDING for p in sweep.points}))
 
 
+def test_status_costs_points_at_the_rate_of_the_kernels_they_will_run_on(tmp_path, monkeypatch):
+    """A run whose sessions are recorded is measured over its last session, under that
+    session's kernels; points still to run take the rate of the kernels `python -m train`
+    will ask for (TF_ENABLE_ONEDNN_OPTS, on by default), else any measured rate."""
+    from sweeps.estimate import measured_rates, remaining
+    from train.config import budget
+
+    path = write_spec(tmp_path, optimizers='["sgd"]')
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 10").replace("seed = [0]", "seed = [0, 1, 2]"))
+    sweep = sweep_spec.load(path, tmp_path / "runs")
+    at_128 = [p for p in sweep.points if p.params["batch_size"] == 128]
+
+    def ran(p, seconds_per_epoch, sessions):
+        """10 epochs, epoch e taking seconds_per_epoch[e - 1]; ``sessions``: (start, oneDNN)."""
+        p.run_dir.mkdir(parents=True)
+        (p.run_dir / "config.json").write_text(json.dumps(p.config))
+        walls = [sum(seconds_per_epoch[:e]) for e in range(1, 11)]
+        (p.run_dir / "metrics.json").write_text(json.dumps([{"epoch": e, "wall_time": walls[e - 1]}
+                                                             for e in range(1, 11)]))
+        (p.run_dir / "sessions.json").write_text(json.dumps([{"start": s, "onednn": on} for s, on in sessions]))
+        (p.run_dir / "summary.json").write_text(json.dumps({"status": "finished", "epochs_done": 10}))
+
+    # Eigen for 4 epochs at 9 s, then resumed on oneDNN at 3 s: its rate is the last session's
+    ran(at_128[0], [9.0] * 4 + [3.0] * 6, [(0, False), (4, True)])
+    ran(at_128[1], [8.0] * 10, [(0, False)])
+    rates = measured_rates(sweep.runs_dir)
+    key = next(iter(rates))[0]
+    assert rates == {(key, True): pytest.approx(3.0), (key, False): pytest.approx(8.0)}
+    states = {p.id: state.point_state(p.run_dir, wanted=budget(p.config)) for p in sweep.points}
+    left = [p for p in sweep.points if states[p.id] != state.DONE and p.params["batch_size"] == 128]
+    assert len(left) == 1
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    assert remaining(sweep, states).seconds == pytest.approx(10 * 3.0)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert remaining(sweep, states).seconds == pytest.approx(10 * 8.0)
+    # measured under neither: the median of what was
+    shutil.rmtree(at_128[1].run_dir)
+    states = {p.id: state.point_state(p.run_dir, wanted=budget(p.config)) for p in sweep.points}
+    assert remaining(sweep, states).seconds == pytest.approx(2 * 10 * 3.0)
+
+
 def fake_run(d, *, lr=0.1, val=0.8, test=0.8, optimizer="sgd", beta=0.0, batch=64, data=None, seed=0, epochs=1):
     """A finished run folder as `python -m train` leaves it, with one evaluated epoch."""
     d.mkdir(parents=True)

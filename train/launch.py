@@ -10,6 +10,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import. On x86 CPUs without AVX-512 it
+# leaves its oneDNN kernels off, and cnn2 then trains 1.4x (two-pass step) to 2x
+# (data-parallel step) slower on a core (benchmarks/onednn_throughput.py). `python -m train`
+# turns them on unless the environment says otherwise; each run records which it had
+# (sessions.json).
+ONEDNN_DEFAULT = "1"
+
+
+def onednn_requested(environ=None) -> bool:
+    """Whether `python -m train`, started with ``environ`` (default: this process's),
+    asks TensorFlow for its oneDNN kernels."""
+    value = (os.environ if environ is None else environ).get("TF_ENABLE_ONEDNN_OPTS", ONEDNN_DEFAULT)
+    return value.strip().lower() in ("1", "true")
+
 
 def subprocess_env(base=None, **extra) -> dict:
     """``base`` (default: this process's environment) with the repository on
