@@ -38,7 +38,7 @@ def child(args) -> dict:
     from tensorflow.python.util import _pywrap_util_port
 
     import hvd_gradalign as hga
-    from benchmarks.precision_throughput import batch_end_recorder, build
+    from benchmarks.precision_throughput import build, step_gaps
 
     hga.init()
     rng = np.random.default_rng(0)
@@ -48,9 +48,7 @@ def child(args) -> dict:
     for method in METHODS:
         model = build("float32", method, weights, args.micro_batches)
         weights = weights or model.get_weights()
-        ends = batch_end_recorder()
-        model.fit(x, y, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[ends])
-        gaps[method] = list(np.diff(ends.ends))
+        gaps[method] = step_gaps(model, x, y, args.batch)
     return {"onednn": bool(_pywrap_util_port.IsMklEnabled()), "gaps": gaps}
 
 

@@ -41,9 +41,12 @@ def cpu_bf16_flags():
     return sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512f"))
 
 
-def batch_end_recorder():
-    """A callback that records the time of every batch end inside fit."""
+def step_gaps(model, x, y, batch) -> list:
+    """Seconds between consecutive batch ends in one epoch of ``model.fit`` over (x, y):
+    one per step but the first, whose time includes tracing. Timed inside ``fit`` because
+    a short ``fit`` call can stall for seconds at its end here."""
     import keras
+    import numpy as np
 
     class BatchEnds(keras.callbacks.Callback):
         def __init__(self):
@@ -53,7 +56,9 @@ def batch_end_recorder():
         def on_train_batch_end(self, batch, logs=None):
             self.ends.append(time.perf_counter())
 
-    return BatchEnds()
+    ends = BatchEnds()
+    model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[ends])
+    return list(np.diff(ends.ends))
 
 
 def build(policy, method, weights, micro_batches):
@@ -103,9 +108,7 @@ def main(argv=None):
     gaps = {key: [] for key in models}
     for _ in range(args.rounds):
         for key, model in models.items():
-            ends = batch_end_recorder()
-            model.fit(x, y, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[ends])
-            gaps[key] += list(np.diff(ends.ends))
+            gaps[key] += step_gaps(model, x, y, args.batch)
     rows = []
     for (policy, method), g in gaps.items():
         step = statistics.median(g)
