@@ -18,7 +18,11 @@ with, per method:
   larger batch cannot change the update, so U stays at its full-batch value (marked *);
 - r: images per second of one worker, *measured* on this machine (the median over the
   reports' finished runs of that method at one batch, ``rate_batch``, one core per run,
-  micro-batches of 128, timed inside fit); passes = 2 for
+  micro-batches of 128, timed inside fit), all under one set of CPU kernels: TensorFlow's
+  oneDNN and Eigen kernels differ here by 1.4x (two-pass step) to 2x (SGD's), so mixing
+  them would tilt the comparison. The kernels are the first of oneDNN, Eigen, unrecorded
+  (the results' ``onednn`` column: on, off, '') under which every method has a run; where
+  none covers them all, each method takes the first it has, and the table says so; passes = 2 for
   GradAlign, SAM and the penalty, 1 for SGD (r already includes them when read from a
   two-pass run, so t_compute = 128 / r there);
 - A: allreduces per update, 2 for GradAlign and SAM-global (ḡ is needed before the second
@@ -53,17 +57,30 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+KERNELS = {"on": "oneDNN", "off": "Eigen", "": "unrecorded"}  # in order of preference
+
+
 def rates(results_csvs, batch) -> dict:
-    """{method: images/s of one worker}: the median over finished runs at ``batch`` (one
-    worker each, micro-batches of 128: the per-worker work of the model) with a rate."""
-    by = defaultdict(list)
+    """{method: (images/s of one worker, kernels)}: the median over finished runs at
+    ``batch`` (one worker each, micro-batches of 128: the per-worker work of the model)
+    with a rate, under the first KERNELS that every method was measured under, else under
+    the first each method was measured under. Runs whose kernels changed between sessions
+    (``mixed``) do not count."""
+    by = defaultdict(lambda: defaultdict(list))
     for path in results_csvs:
         if not (REPO / path).exists():
             continue
         for r in read_csv(REPO / path):
-            if r["status"] == "done" and r["images_per_sec"] and int(r["batch_size"]) == batch:
-                by[r["optimizer"]].append(float(r["images_per_sec"]))
-    return {m: statistics.median(v) for m, v in by.items()}
+            kernels = r.get("onednn", "")
+            if r["status"] == "done" and r["images_per_sec"] and int(r["batch_size"]) == batch \
+                    and kernels in KERNELS:
+                by[r["optimizer"]][kernels].append(float(r["images_per_sec"]))
+    common = next((k for k in KERNELS if all(k in measured for measured in by.values())), None)
+    out = {}
+    for method, measured in by.items():
+        kernels = common if common is not None else next(k for k in KERNELS if k in measured)
+        out[method] = (statistics.median(measured[kernels]), KERNELS[kernels])
+    return out
 
 
 def updates_to_target(steps_csv, subset) -> dict:
@@ -108,7 +125,7 @@ def predict(inputs) -> dict:
     for m in sorted(set(rate) & set(u)):
         passes = 2 if m in TWO_PASS else 1
         allreduces = 2 if m in TWO_PASS else 1
-        per_update_compute = PER_WORKER / rate[m]  # a two-pass run's rate already pays both passes
+        per_update_compute = PER_WORKER / rate[m][0]  # a two-pass run's rate already pays both passes
         means = {b: v[0] for b, v in u[m].items()}
         for w in WORKERS:
             found = interpolate(means, PER_WORKER * w, inputs["full_batch"])
@@ -132,8 +149,12 @@ def table(inputs, result) -> str:
             cells.append("–" if r is None else f"{r['total_s']:,.0f}{'*' if r['held'] else ''} "
                          f"({100 * r['comm_s'] / r['total_s']:.0f} % comm)")
         lines.append(f"| {w} | {PER_WORKER * w} | " + " | ".join(cells) + " |")
-    lines += ["", "Measured inputs: images/s per worker " + ", ".join(
-        f"{m} {v:.0f}" for m, v in sorted(result["rate"].items())) + "; updates to target " + "; ".join(
+    kernels = {k for _, k in result["rate"].values()}
+    rates_text = (", ".join(f"{m} {v:.0f}" for m, (v, _) in sorted(result["rate"].items()))
+                  + f" (all on one set of CPU kernels: {kernels.pop()})") if len(kernels) == 1 else ", ".join(
+        f"{m} {v:.0f} ({k})" for m, (v, k) in sorted(result["rate"].items())) + (
+        " (no one set of CPU kernels ran every method: these rates are not comparable)")
+    lines += ["", "Measured inputs: images/s per worker " + rates_text + "; updates to target " + "; ".join(
         f"{m}: " + ", ".join(f"{b} → {v[0]:.0f} ({v[1]}/{v[2]} seeds reached)" for b, v in sorted(pts.items()))
         for m, pts in sorted(result["updates"].items())) + ".",
         f"Assumed: latency {inputs['latency_s'] * 1e6:.0f} µs, bandwidth "

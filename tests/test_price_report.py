@@ -106,8 +106,10 @@ def test_scaling_model_combines_measured_updates_and_rates_with_the_ring_cost(tm
     sm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sm)
     results = tmp_path / "results.csv"
-    results.write_text("id,status,optimizer,batch_size,images_per_sec\n"
-                       "a,done,sgd,2048,1000\nb,done,gradalign,2048,500\nc,done,sgd,512,1\n")
+    # the rates all come from one set of kernels, oneDNN's, where every method has a run there
+    results.write_text("id,status,optimizer,batch_size,images_per_sec,onednn\n"
+                       "a,done,sgd,2048,1000,on\nb,done,gradalign,2048,500,on\nc,done,sgd,512,1,on\n"
+                       "d,done,sgd,2048,400,\ne,done,gradalign,2048,200,off\nf,done,sgd,2048,9,mixed\n")
     steps = tmp_path / "steps.csv"
     steps.write_text("id,subset_seed,batch_size,optimizer,lr,beta,epochs,reached,updates_to_target,chosen\n"
                      "a,0,2048,sgd,0.05,0,600,True,800,True\nb,0,2048,gradalign,0.05,0.1,300,True,400,True\n"
@@ -127,6 +129,14 @@ def test_scaling_model_combines_measured_updates_and_rates_with_the_ring_cost(tm
     held = result["rows"][("gradalign", 128)]
     assert held["held"] and held["updates"] == 100.0
     assert "| 16 | 2048 |" in sm.table(inputs, result)
+    assert "gradalign 500, sgd 1000 (all on one set of CPU kernels: oneDNN)" in sm.table(inputs, result)
+    # without oneDNN for SGD: Eigen covers neither, so each method takes what it has, said so
+    results.write_text(results.read_text().replace("a,done,sgd,2048,1000,on", "a,done,sgd,2048,1000,mixed"))
+    assert sm.rates([str(results)], 2048) == {"gradalign": (500.0, "oneDNN"), "sgd": (400.0, "unrecorded")}
+    assert "not comparable" in sm.table(inputs, sm.predict(inputs))
+    # a set that covers every method wins over a preferred one that does not
+    results.write_text(results.read_text().replace("d,done,sgd,2048,400,", "d,done,sgd,2048,400,off"))
+    assert sm.rates([str(results)], 2048) == {"gradalign": (200.0, "Eigen"), "sgd": (400.0, "Eigen")}
 
 
 def test_paired_differences_against_gradalign_per_subset_and_pooled(tmp_path):
