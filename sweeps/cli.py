@@ -113,8 +113,11 @@ def cmd_status(args) -> int:
     continued = extend.predecessors(sweep, states)
     for p in sweep.points:
         what = " ".join(f"{k}={v}" for k, v in p.params.items())
-        continues = _continues(p, continued)
-        print(f"{states[p.id]:12s} {p.id} {what}" + (f" ({continues})" if continues else ""))
+        notes = [_continues(p, continued)]
+        if states[p.id] in (state.RUNNING, state.INTERRUPTED, state.FAILED) and p.run_dir.exists():
+            notes.append(f"{_unit(p)[:-1]} {estimate.units_done(p.run_dir)} of {budget(p.config)}")
+        notes = "; ".join(n for n in notes if n)
+        print(f"{states[p.id]:12s} {p.id} {what}" + (f" ({notes})" if notes else ""))
     counts = Counter(states.values())
     print(", ".join(f"{counts[s]} {s}" for s in (state.DONE, state.RUNNING, state.FAILED,
                                                   state.INTERRUPTED, state.PENDING)))

@@ -449,6 +449,9 @@ def test_status_estimates_the_remaining_time_from_the_sweeps_own_rates(tmp_path)
     assert remaining(sweep, states, continued).seconds == pytest.approx(left.seconds - 3 * 5)
     status = sweeps_cli("status", path, "--runs-root", runs)
     assert "still to run: 11 points" in status.stdout, status.stdout + status.stderr
+    # how far a point that is not done got
+    line = next(x for x in status.stdout.splitlines() if point("gradalign", 128, 0.025).id in x)
+    assert line.startswith("interrupted") and line.endswith("(epoch 1 of 4)"), line
     assert "none with a measured rate yet" in describe(remaining(sweep_spec.load(path, tmp_path / "empty"), {
         p.id: state.PENDING for p in sweep.points}))
 
