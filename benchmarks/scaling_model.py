@@ -150,10 +150,12 @@ def table(inputs, result) -> str:
                          f"({100 * r['comm_s'] / r['total_s']:.0f} % comm)")
         lines.append(f"| {w} | {PER_WORKER * w} | " + " | ".join(cells) + " |")
     kernels = {k for _, k in result["rate"].values()}
-    rates_text = (", ".join(f"{m} {v:.0f}" for m, (v, _) in sorted(result["rate"].items()))
-                  + f" (all on one set of CPU kernels: {kernels.pop()})") if len(kernels) == 1 else ", ".join(
-        f"{m} {v:.0f} ({k})" for m, (v, k) in sorted(result["rate"].items())) + (
-        " (no one set of CPU kernels ran every method: these rates are not comparable)")
+    if len(kernels) == 1:
+        rates_text = ", ".join(f"{m} {v:.0f}" for m, (v, _) in sorted(result["rate"].items())) \
+            + f" (all on one set of CPU kernels: {kernels.pop()})"
+    else:
+        rates_text = ", ".join(f"{m} {v:.0f} ({k})" for m, (v, k) in sorted(result["rate"].items())) \
+            + " (no one set of CPU kernels ran every method: these rates are not comparable)"
     lines += ["", "Measured inputs: images/s per worker " + rates_text + "; updates to target " + "; ".join(
         f"{m}: " + ", ".join(f"{b} → {v[0]:.0f} ({v[1]}/{v[2]} seeds reached)" for b, v in sorted(pts.items()))
         for m, pts in sorted(result["updates"].items())) + ".",
